@@ -1,0 +1,33 @@
+# Sluice developer commands.  `make install` then `make run` is the whole quickstart.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+BIN := $(VENV)/bin
+
+.PHONY: install run test lint mypy bench clean all
+
+install:
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+
+run:
+	$(BIN)/sluice run
+
+test:
+	$(BIN)/pytest
+
+lint:
+	$(BIN)/ruff check app workers tasks tests
+	$(BIN)/mypy
+
+mypy:
+	$(BIN)/mypy
+
+bench:
+	$(BIN)/sluice bench --sockets 1 --sockets 100 --sockets 1000
+
+all: lint test
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -1,0 +1,34 @@
+"""The edge: the Flask app with the WebSocket endpoint and health checks."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Flask
+
+from tasks.config import Settings
+
+
+def create_app(test_config: dict[str, Any] | None = None) -> Flask:
+    """Build the front-end app.
+
+    Settings come from ``SLUICE_…`` environment variables, then ``test_config``
+    (field names of :class:`~tasks.config.Settings`).
+
+    Example::
+
+        gunicorn -k gevent 'app:create_app()'
+    """
+    from app import health, ws
+    from app.gateway import Gateway
+
+    settings = Settings.from_env(**(test_config or {}))
+    app = Flask(__name__)
+    app.config.from_mapping(
+        SOCK_SERVER_OPTIONS={"ping_interval": 25, "max_message_size": settings.max_frame_bytes},
+    )
+    app.extensions["sluice"] = Gateway(settings)
+    ws.sock.init_app(app)
+    app.register_blueprint(ws.bp)
+    app.register_blueprint(health.bp)
+    return app

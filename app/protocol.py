@@ -1,0 +1,175 @@
+"""The WebSocket wire protocol: client frames, validated into requests.
+
+Client → server frames are JSON objects with a ``type``: ``generate``,
+``resume`` or ``cancel``.  Anything else gets a :class:`ProtocolError` whose
+``code`` is stable and whose message names the bad value.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from tasks.config import Settings
+from tasks.jobs import JOB_ID, JobSpec
+
+ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
+MAX_REF_CHARS = 200
+MAX_SESSION_CHARS = 200
+
+
+class ProtocolError(Exception):
+    """A client frame that cannot be served; the socket stays open."""
+
+    def __init__(self, code: str, message: str, ref: Any = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.ref = ref
+
+    def frame(self) -> str:
+        """The ``error`` frame telling the client what was wrong."""
+        return json.dumps({"type": "error", "ref": self.ref, "code": self.code,
+                           "message": self.message})
+
+
+@dataclass(frozen=True)
+class Generate:
+    """Start a job."""
+
+    ref: Any
+    spec: JobSpec
+
+
+@dataclass(frozen=True)
+class Resume:
+    """Replay a job's events after ``after``, then follow it live."""
+
+    ref: Any
+    job_id: str
+    after: int
+
+
+@dataclass(frozen=True)
+class Cancel:
+    """Stop a job."""
+
+    ref: Any
+    job_id: str
+
+
+Request = Generate | Resume | Cancel
+
+
+def parse(text: str | bytes, settings: Settings) -> Request:
+    """Validate one client frame.
+
+    :raises ProtocolError: the frame is not valid; the error names the problem.
+    """
+    if isinstance(text, bytes):
+        raise ProtocolError("bad_frame", "frames must be JSON text, not binary")
+    try:
+        frame = json.loads(text)
+    except ValueError as e:
+        raise ProtocolError("bad_json", f"frame is not valid JSON: {e}") from e
+    if not isinstance(frame, dict):
+        raise ProtocolError("bad_frame", f"frame must be a JSON object, not {_kind(frame)}")
+    ref = frame.get("ref")
+    if ref is not None and not (isinstance(ref, (str, int)) and not isinstance(ref, bool)
+                                and len(str(ref)) <= MAX_REF_CHARS):
+        raise ProtocolError("bad_field", f"'ref' must be a string or integer of at most "
+                            f"{MAX_REF_CHARS} characters")
+    kind = frame.get("type")
+    try:
+        if kind == "generate":
+            return Generate(ref, _spec(frame, settings))
+        if kind == "resume":
+            return Resume(ref, _job_id(frame), _int(frame, "after", -1, -1, 2**53))
+        if kind == "cancel":
+            return Cancel(ref, _job_id(frame))
+    except ProtocolError as e:
+        e.ref = ref
+        raise
+    raise ProtocolError("unknown_type", f"unknown frame type {kind!r}; expected "
+                        "'generate', 'resume' or 'cancel'", ref)
+
+
+def _spec(frame: dict[str, Any], settings: Settings) -> JobSpec:
+    models = settings.model_names
+    model = frame.get("model", models[0])
+    if not isinstance(model, str):
+        raise ProtocolError("bad_field", f"'model' must be a string, not {_kind(model)}")
+    if model not in models:
+        raise ProtocolError("unknown_model", f"unknown model {model!r}; available: "
+                            f"{', '.join(models)}")
+    session = frame.get("session")
+    if session is not None and not (isinstance(session, str)
+                                    and 0 < len(session) <= MAX_SESSION_CHARS):
+        raise ProtocolError("bad_field", f"'session' must be a non-empty string of at most "
+                            f"{MAX_SESSION_CHARS} characters")
+    temperature = frame.get("temperature")
+    if temperature is not None:
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
+                or not math.isfinite(temperature):
+            raise ProtocolError("bad_field", f"'temperature' must be a number, not "
+                                f"{_kind(temperature)}")
+        if not 0 <= temperature <= 2:
+            raise ProtocolError("out_of_range", f"'temperature' must be within 0..2, "
+                                f"got {temperature}")
+        temperature = float(temperature)
+    seed = _int(frame, "seed", None, -(2**63), 2**63 - 1)
+    return JobSpec(model=model, messages=_messages(frame, settings),
+                   max_tokens=_int(frame, "max_tokens", settings.default_max_tokens, 1,
+                                   settings.max_tokens_limit),
+                   temperature=temperature, seed=seed, session=session)
+
+
+def _messages(frame: dict[str, Any], settings: Settings) -> list[dict[str, Any]]:
+    prompt, messages = frame.get("prompt"), frame.get("messages")
+    if (prompt is None) == (messages is None):
+        raise ProtocolError("missing_field", "give exactly one of 'prompt' or 'messages'")
+    if prompt is not None:
+        if not isinstance(prompt, str) or not prompt:
+            raise ProtocolError("bad_field", "'prompt' must be a non-empty string")
+        messages = [{"role": "user", "content": prompt}]
+    if not isinstance(messages, list) or not messages:
+        raise ProtocolError("bad_field", "'messages' must be a non-empty list")
+    size = 0
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ROLES \
+                or not isinstance(m.get("content"), str):
+            raise ProtocolError("bad_field", f"messages[{i}] must be an object with a 'role' "
+                                f"({', '.join(sorted(ROLES))}) and a string 'content'")
+        size += len(m["content"])
+    if size > settings.max_prompt_chars:
+        raise ProtocolError("too_large", f"the prompt has {size} characters; the limit is "
+                            f"{settings.max_prompt_chars}")
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def _int(frame: dict[str, Any], name: str, default: Any, lo: int, hi: int) -> Any:
+    value = frame.get(name, default)
+    if value is None or value is default:
+        return value
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ProtocolError("bad_field", f"{name!r} must be an integer, not {_kind(value)}")
+    if not lo <= value <= hi:
+        raise ProtocolError("out_of_range", f"{name!r} must be within {lo}..{hi}, got {value}")
+    return value
+
+
+def _job_id(frame: dict[str, Any]) -> str:
+    job_id = frame.get("job_id")
+    if job_id is None:
+        raise ProtocolError("missing_field", "'job_id' is required")
+    if not isinstance(job_id, str) or not JOB_ID.match(job_id):
+        raise ProtocolError("bad_field", f"'job_id' must be 32 lowercase hex digits, "
+                            f"got {job_id!r:.60}")
+    return job_id
+
+
+def _kind(value: Any) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean",
+            type(None): "null", int: "an integer", float: "a number"}.get(type(value), "?")

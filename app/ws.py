@@ -1,0 +1,162 @@
+"""The WebSocket endpoint: one receive loop and one writer greenlet per socket."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import gevent
+from flask import Blueprint, current_app
+from flask_sock import Sock
+from gevent.queue import Full, Queue
+from simple_websocket import ConnectionClosed
+
+from app.gateway import Gateway
+from app.protocol import Cancel, Generate, ProtocolError, Resume, parse
+from tasks.events import TERMINAL, frame_kind
+
+log = logging.getLogger(__name__)
+sock = Sock()
+bp = Blueprint("ws", __name__)
+OUTBOX_FRAMES = 10_000
+
+
+class Connection:
+    """One client socket: reads requests, writes frames, follows jobs.
+
+    Only the writer greenlet sends (flask-sock's send is not safe to call
+    from two greenlets).  Live events that do not fit in the outbox are
+    dropped and read back from the job's log: a slow client costs memory in
+    Redis, not in this process.
+    """
+
+    def __init__(self, ws: Any, gateway: Gateway) -> None:
+        self.ws = ws
+        self.gw = gateway
+        self.outbox: Queue[tuple[str, str, int, str]] = Queue(OUTBOX_FRAMES)
+        #: job id -> the next seq this client should receive
+        self.following: dict[str, int] = {}
+        self.lagging: set[str] = set()
+
+    def serve(self) -> None:
+        """Run the socket until the client goes away."""
+        writer = gevent.spawn(self._write)
+        try:
+            while True:
+                text = self.ws.receive()
+                if text is None:
+                    break
+                self._handle(text)
+        except ConnectionClosed:
+            pass
+        finally:
+            writer.kill()
+            for job_id in list(self.following):
+                self.gw.relay.unfollow(job_id, self)
+                if self.gw.settings.cancel_on_disconnect:
+                    self.gw.jobs.request_cancel(job_id)
+
+    # -- requests ---------------------------------------------------------
+    def _handle(self, text: str | bytes) -> None:
+        try:
+            req = parse(text, self.gw.settings)
+            if isinstance(req, Generate):
+                self._generate(req)
+            elif isinstance(req, Resume):
+                self._resume(req)
+            elif isinstance(req, Cancel):
+                self._cancel(req)
+        except ProtocolError as e:
+            self._send_now(e.frame())
+
+    def _generate(self, req: Generate) -> None:
+        job_id, position = self.gw.submit(req.spec)
+        # ``queued`` goes into the outbox before the job can produce anything.
+        self._send_now(json.dumps({"type": "queued", "ref": req.ref, "job_id": job_id,
+                                   "position": position}))
+        self._follow(job_id, 0)
+        if not req.spec.session or position == 0:
+            self.gw.enqueue(job_id)
+
+    def _resume(self, req: Resume) -> None:
+        if self.gw.jobs.status(req.job_id) is None:
+            raise ProtocolError("unknown_job", f"no job {req.job_id!r}: it never existed or "
+                                "its log has expired")
+        self._follow(req.job_id, req.after + 1)
+
+    def _cancel(self, req: Cancel) -> None:
+        if not self.gw.jobs.request_cancel(req.job_id):
+            raise ProtocolError("unknown_job", f"no job {req.job_id!r}: it never existed or "
+                                "its log has expired")
+
+    def _follow(self, job_id: str, next_seq: int) -> None:
+        if job_id in self.following:
+            self.following[job_id] = min(self.following[job_id], next_seq)
+            self._put(("catchup", job_id, 0, ""))
+            return
+        self.following[job_id] = next_seq
+        self.gw.relay.follow(job_id, self)
+
+    # -- relay callbacks (reader greenlet; must not block) -----------------
+    def on_event(self, job_id: str, seq: int, frame: str) -> None:
+        """Queue a live event for the writer."""
+        self._put(("event", job_id, seq, frame))
+
+    def on_catchup(self, job_id: str) -> None:
+        """Queue a read of the job's log for the writer."""
+        self._put(("catchup", job_id, 0, ""))
+
+    def _put(self, item: tuple[str, str, int, str]) -> None:
+        try:
+            self.outbox.put_nowait(item)
+        except Full:
+            if item[1]:
+                self.lagging.add(item[1])
+
+    def _send_now(self, frame: str) -> None:
+        self._put(("frame", "", 0, frame))
+
+    # -- writer ------------------------------------------------------------
+    def _write(self) -> None:
+        try:
+            while True:
+                if self.outbox.empty() and self.lagging:
+                    for job_id in self.lagging:
+                        self._catch_up(job_id)
+                    self.lagging.clear()
+                what, job_id, seq, frame = self.outbox.get()
+                if what == "frame":
+                    self.ws.send(frame)
+                elif what == "catchup":
+                    self._catch_up(job_id)
+                elif job_id in self.following:
+                    expected = self.following[job_id]
+                    if seq == expected:
+                        self._deliver(job_id, seq, frame)
+                    elif seq > expected:
+                        self._catch_up(job_id)
+        except ConnectionClosed:
+            pass
+
+    def _catch_up(self, job_id: str) -> None:
+        after = self.following.get(job_id)
+        if after is None:
+            return
+        for seq, frame in self.gw.events.read(job_id, after - 1):
+            if job_id not in self.following:
+                break
+            self._deliver(job_id, seq, frame)
+
+    def _deliver(self, job_id: str, seq: int, frame: str) -> None:
+        self.ws.send(frame)
+        self.following[job_id] = seq + 1
+        if frame_kind(frame) in TERMINAL:
+            del self.following[job_id]
+            self.gw.relay.unfollow(job_id, self)
+
+
+@sock.route("/ws", bp=bp)
+def websocket(ws: Any) -> None:
+    """Serve one client socket (see the wire protocol in README.rst)."""
+    Connection(ws, current_app.extensions["sluice"]).serve()

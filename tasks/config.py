@@ -1,0 +1,95 @@
+"""Settings for every Sluice process, read from the environment when a process is built."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+PREFIX = "SLUICE_"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Typed settings; units are in the names.
+
+    Every field can be set from the environment as ``SLUICE_<FIELD>`` (upper
+    case), plus the standard ``REDIS_URL``, ``OPENAI_BASE_URL`` and
+    ``OPENAI_API_KEY``.
+    """
+
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    #: Celery broker; defaults to ``redis_url``.
+    broker_url: str = ""
+    openai_base_url: str = "http://127.0.0.1:8001/v1"
+    openai_api_key: str = "sk-sluice-dev"
+    #: Comma-separated model names clients may ask for; the first is the default.
+    models: str = "mock-1"
+    max_tokens_limit: int = 4096
+    default_max_tokens: int = 256
+    max_prompt_chars: int = 200_000
+    max_frame_bytes: int = 1_000_000
+    #: How long a job's record and event log live after the job ends.
+    event_ttl_s: int = 3600
+    #: Upper bound of one generation; also the lease's hard stop.
+    job_timeout_s: int = 600
+    lease_ttl_s: int = 10
+    #: Must exceed job_timeout_s: a message not acked within it is redelivered.
+    visibility_timeout_s: int = 3600
+    cancel_on_disconnect: bool = False
+    worker_concurrency: int = 500
+    provider_timeout_s: float = 60.0
+    provider_max_retries: int = 2
+    #: Celery queue for generation jobs.
+    queue: str = "sluice"
+
+    @property
+    def model_names(self) -> tuple[str, ...]:
+        """The configured model names, in order."""
+        return tuple(m.strip() for m in self.models.split(",") if m.strip())
+
+    @property
+    def broker(self) -> str:
+        """The Celery broker URL."""
+        return self.broker_url or self.redis_url
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Build settings from environment variables, then ``overrides``.
+
+        :param env: the environment to read; ``os.environ`` when ``None``.
+        :param overrides: field values that win over the environment.
+        :return: the settings.
+        :raises ValueError: a variable does not parse as its field's type.
+
+        Example::
+
+            settings = Settings.from_env(event_ttl_s=60)
+        """
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        standard = {"redis_url": "REDIS_URL", "openai_base_url": "OPENAI_BASE_URL",
+                    "openai_api_key": "OPENAI_API_KEY"}
+        for f in fields(cls):
+            name = PREFIX + f.name.upper()
+            raw = env.get(name, env.get(standard.get(f.name, ""), None))
+            if raw is None:
+                continue
+            values[f.name] = _parse(name, raw, type(getattr(cls, f.name)))
+        return replace(cls(**values), **overrides)
+
+    def as_env(self) -> dict[str, str]:
+        """Render these settings as ``SLUICE_…`` environment variables for child processes."""
+        return {PREFIX + f.name.upper(): str(getattr(self, f.name)) for f in fields(self)}
+
+
+def _parse(name: str, raw: str, kind: type) -> Any:
+    try:
+        if kind is bool:
+            if raw.lower() not in {"1", "0", "true", "false", "yes", "no", "on", "off"}:
+                raise ValueError(raw)
+            return raw.lower() in {"1", "true", "yes", "on"}
+        return kind(raw)
+    except ValueError as e:
+        raise ValueError(f"{name}={raw!r} is not a valid {kind.__name__}") from e

@@ -1,0 +1,126 @@
+"""The per-job event log: a gap-free, replayable sequence of wire frames.
+
+Each event is stored already rendered as the JSON text frame a client
+receives, so relaying a token costs the front end no JSON work.  ``seq`` is
+allocated inside the append script, which is the only writer, so the log has
+no gaps and no duplicates whatever the number of workers.  The stream entry
+id of event ``seq`` is ``0-(seq+1)``: reading "after seq n" is an XRANGE from
+``0-(n+2)``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from tasks import keys
+
+TERMINAL = frozenset({"done", "error"})
+
+# Append one event to a job's log and wake its listeners.
+# KEYS[1] job hash, KEYS[2] log stream, KEYS[3] wake channel, KEYS[4] lease
+# ARGV[1] frame text before the seq, ARGV[2] frame text after the seq,
+# ARGV[3] lease token ('' skips the check), ARGV[4] final status ('' unless the
+#   event ends the job), ARGV[5] TTL in seconds for a job that has ended
+# Returns {seq, cancel_requested} or {-1, 0} when the caller's lease is gone
+# (another attempt owns the job: the caller must stop writing).
+APPEND = """
+if ARGV[3] ~= '' and redis.call('GET', KEYS[4]) ~= ARGV[3] then
+  return {-1, 0}
+end
+local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1) - 1
+local frame = ARGV[1] .. seq .. ARGV[2]
+redis.call('XADD', KEYS[2], '0-' .. (seq + 1), 'f', frame)
+redis.call('PUBLISH', KEYS[3], seq .. ' ' .. frame)
+if ARGV[4] ~= '' then
+  local t = redis.call('TIME')
+  redis.call('HSET', KEYS[1], 'status', ARGV[4],
+             'finished_ms', t[1] * 1000 + math.floor(t[2] / 1000))
+  redis.call('EXPIRE', KEYS[1], ARGV[5])
+  redis.call('EXPIRE', KEYS[2], ARGV[5])
+  if ARGV[3] ~= '' then redis.call('DEL', KEYS[4]) end
+elseif seq == 0 then
+  redis.call('EXPIRE', KEYS[2], redis.call('TTL', KEYS[1]))
+end
+local cancel = redis.call('HGET', KEYS[1], 'cancel')
+return {seq, cancel and 1 or 0}
+"""
+
+
+class LeaseLostError(RuntimeError):
+    """Another attempt owns the job; this one must stop writing."""
+
+
+@dataclass(frozen=True)
+class Appended:
+    """What one append reports back to the writer."""
+
+    seq: int
+    cancel_requested: bool
+
+
+class EventLog:
+    """Appends to and replays job event logs.
+
+    Example::
+
+        log = EventLog(redis.Redis.from_url(url), ttl_s=3600)
+        log.append(job_id, "token", {"text": "Hello"})
+        for seq, frame in log.read(job_id, after=-1):
+            ...
+    """
+
+    def __init__(self, client: redis.Redis, ttl_s: int) -> None:
+        self.redis = client
+        self.ttl_s = ttl_s
+        self._append = client.register_script(APPEND)
+
+    def append(self, job_id: str, kind: str, body: dict[str, Any], *,
+               lease_token: str = "", status: str = "") -> Appended:
+        """Append one event and publish its wake-up.
+
+        :param kind: ``token``, ``restart``, ``done`` or ``error``.
+        :param body: the frame's fields besides ``type``, ``job_id`` and ``seq``.
+        :param lease_token: when given, append only while this lease is held.
+        :param status: the job's final status when this event ends the job.
+        :return: the event's seq and whether a cancel was requested.
+        :raises LeaseLostError: the lease is held by someone else.
+        """
+        head, tail = frame_parts(job_id, kind, body)
+        seq, cancel = self._append(
+            keys=[keys.job(job_id), keys.log(job_id), keys.wake(job_id), keys.lease(job_id)],
+            args=[head, tail, lease_token, status, self.ttl_s])
+        if seq < 0:
+            raise LeaseLostError(job_id)
+        return Appended(int(seq), bool(cancel))
+
+    def read(self, job_id: str, after: int = -1, count: int | None = None) -> list[tuple[int, str]]:
+        """Return the events with ``seq > after`` as ``(seq, frame)`` pairs, in order."""
+        entries = self.redis.xrange(keys.log(job_id), f"0-{after + 2}", "+", count=count)
+        return [(entry_seq(eid), fields[b"f"].decode()) for eid, fields in entries]
+
+    def exists(self, job_id: str) -> bool:
+        """Whether the job's record is still in Redis (it may have expired)."""
+        return bool(self.redis.exists(keys.job(job_id)))
+
+
+def entry_seq(entry_id: bytes | str) -> int:
+    """The seq of a stream entry id ``0-(seq+1)``."""
+    eid = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+    return int(eid.partition("-")[2]) - 1
+
+
+def frame_parts(job_id: str, kind: str, body: dict[str, Any]) -> tuple[str, str]:
+    """Render a frame as the text before and after its seq number."""
+    head = f'{{"type":"{kind}","job_id":"{job_id}","seq":'
+    rest = json.dumps(body, separators=(",", ":"), ensure_ascii=False)
+    tail = "," + rest[1:] if len(rest) > 2 else "}"
+    return head, tail
+
+
+def frame_kind(frame: str) -> str:
+    """The ``type`` of a rendered frame, read without parsing the JSON."""
+    return frame[9:frame.index('"', 9)]

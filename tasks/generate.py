@@ -1,0 +1,185 @@
+"""The generation task: run one job against the provider and log its events."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from typing import Any
+
+import gevent
+from celery import Task, shared_task
+from gevent.event import Event
+
+from tasks.events import LeaseLostError
+from tasks.jobs import FINAL, Job
+from workers.provider import Finish, ProviderError
+
+log = logging.getLogger(__name__)
+
+
+@shared_task(name="sluice.generate", bind=True, acks_late=True, reject_on_worker_lost=True,
+             ignore_result=True, max_retries=None)
+def generate(self: Task, job_id: str) -> None:
+    """Run job ``job_id``: stream the provider's answer into the job's event log.
+
+    Takes only the id, so brokers, logs and Flower never see prompts.  A copy
+    delivered while another attempt holds the job's lease retries later
+    instead of generating beside it.
+    """
+    rt = self.app.sluice  # type: ignore[attr-defined]
+    job = rt.jobs.get(job_id)
+    if job is None:
+        log.warning("job %s expired before it ran", job_id)
+        return
+    if job.status in FINAL:
+        _start_next(self, job)
+        return
+    token = uuid.uuid4().hex
+    lease_ms = rt.settings.lease_ttl_s * 1000
+    if not rt.jobs.take_lease(job_id, token, lease_ms):
+        raise self.retry(countdown=rt.settings.lease_ttl_s)
+    try:
+        Attempt(rt, job, token).run()
+    finally:
+        rt.jobs.release_lease(job_id, token)
+        _start_next(self, job)
+
+
+def _start_next(task: Task, job: Job) -> None:
+    if job.spec.session:
+        nxt = task.app.sluice.jobs.advance_session(job.spec.session, job.job_id)  # type: ignore[attr-defined]
+        if nxt:
+            task.app.send_task("sluice.generate", args=[nxt],
+                               queue=task.app.sluice.settings.queue)  # type: ignore[attr-defined]
+
+
+class Attempt:
+    """One attempt at a job, holding its lease.
+
+    The provider stream is read in this greenlet and written to Redis by a
+    second one, so a slow Redis round trip never delays reading; text that
+    piles up while a write is in flight goes out as one event.
+    """
+
+    def __init__(self, rt: Any, job: Job, lease_token: str) -> None:
+        self.rt = rt
+        self.job = job
+        self.token = lease_token
+        self.pending: list[str] = []
+        self.wakeup = Event()
+        self.stop = Event()        # cancel seen, lease lost, or reading ended
+        self.cancelled = False
+        self.lease_lost = False
+        self.tokens_written = 0
+
+    def run(self) -> None:
+        """Generate, then log ``done`` or ``error``."""
+        jid = self.job.job_id
+        now_ms = int(time.time() * 1000)
+        attempt, started_ms = self.rt.jobs.mark_running(jid, now_ms)
+        if self.job.seq > 0 or attempt > 1:
+            self._emit("restart", {"attempt": attempt})
+        if self.job.cancel_requested:
+            self._finish_cancelled()
+            return
+        heartbeat = gevent.spawn(self._heartbeat)
+        writer = gevent.spawn(self._write_tokens)
+        t_start = time.monotonic()
+        first: float | None = None
+        last = t_start
+        pieces = 0
+        finish: Finish | None = None
+        error: ProviderError | None = None
+        try:
+            spec = self.job.spec
+            with self.rt.provider.stream(spec.model, spec.messages, spec.max_tokens,
+                                         temperature=spec.temperature, seed=spec.seed) as stream:
+                for piece in stream:
+                    if isinstance(piece, Finish):
+                        finish = piece
+                        break
+                    last = time.monotonic()
+                    if first is None:
+                        first = last
+                    pieces += 1
+                    self.pending.append(piece)
+                    self.wakeup.set()
+                    if self.stop.is_set():
+                        break
+        except ProviderError as e:
+            error = e
+        finally:
+            self.stop.set()
+            self.wakeup.set()
+            writer.join()
+            heartbeat.kill()
+        if self.lease_lost:
+            log.warning("job %s: lease lost, another attempt owns it", jid)
+        elif self.cancelled:
+            self._finish_cancelled()
+        elif error is not None:
+            self._emit("error", {"code": error.code, "message": error.message}, status="error")
+        else:
+            assert finish is not None
+            usage = finish.usage
+            n = pieces
+            metrics = {
+                "queue_wait_ms": max(0, started_ms - self.job.created_ms),
+                "provider_ttft_ms": _ms(first - t_start) if first else None,
+                "tpot_ms": _ms((last - first) / (n - 1)) if first and n > 1 else None,
+                "generation_ms": _ms(last - t_start),
+                "attempts": attempt,
+            }
+            self._emit("done", {
+                "finish_reason": finish.reason,
+                "usage": {"prompt_tokens": usage.prompt_tokens if usage else None,
+                          "completion_tokens": usage.completion_tokens if usage else n},
+                "metrics": metrics,
+            }, status="done")
+
+    def _write_tokens(self) -> None:
+        # Greenlets switch only on I/O, so checking ``pending`` then waiting
+        # cannot miss a wake-up.
+        while True:
+            if self.pending:
+                text = "".join(self.pending)
+                self.pending.clear()
+                try:
+                    appended = self._emit("token", {"text": text})
+                except LeaseLostError:
+                    self.lease_lost = True
+                    self.stop.set()
+                    return
+                if appended.cancel_requested:
+                    self.cancelled = True
+                    self.stop.set()
+                    return
+            elif self.stop.is_set():
+                return
+            else:
+                self.wakeup.clear()
+                self.wakeup.wait()
+
+    def _heartbeat(self) -> None:
+        ttl_s = self.rt.settings.lease_ttl_s
+        while not self.stop.is_set():
+            gevent.sleep(ttl_s / 3)
+            if not self.rt.jobs.take_lease(self.job.job_id, self.token, ttl_s * 1000):
+                self.lease_lost = True
+                self.stop.set()
+            elif self.rt.jobs.cancel_requested(self.job.job_id):
+                self.cancelled = True
+                self.stop.set()
+
+    def _finish_cancelled(self) -> None:
+        self._emit("error", {"code": "cancelled", "message": "the job was cancelled"},
+                   status="cancelled")
+
+    def _emit(self, kind: str, body: dict[str, Any], status: str = "") -> Any:
+        return self.rt.events.append(self.job.job_id, kind, body, lease_token=self.token,
+                                     status=status)
+
+
+def _ms(seconds: float) -> float:
+    return round(seconds * 1000, 3)

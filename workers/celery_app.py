@@ -1,0 +1,84 @@
+"""Builds Sluice's Celery app, tuned for long, I/O-bound, streaming jobs."""
+
+from __future__ import annotations
+
+from functools import cached_property
+
+import redis
+from celery import Celery
+
+from tasks.config import Settings
+from tasks.events import EventLog
+from tasks.jobs import JobStore
+from workers.provider import Provider
+
+
+class Runtime:
+    """What a worker process needs to run jobs, built once per process on first use."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    @cached_property
+    def redis(self) -> redis.Redis:
+        """The worker process's Redis client (a connection pool shared by its greenlets)."""
+        return redis.Redis.from_url(self.settings.redis_url, max_connections=None,
+                                    health_check_interval=30)
+
+    @cached_property
+    def events(self) -> EventLog:
+        """The event log."""
+        return EventLog(self.redis, self.settings.event_ttl_s)
+
+    @cached_property
+    def jobs(self) -> JobStore:
+        """The job store."""
+        return JobStore(self.redis, job_ttl_s(self.settings))
+
+    @cached_property
+    def provider(self) -> Provider:
+        """The model provider client."""
+        return Provider(self.settings)
+
+
+def job_ttl_s(settings: Settings) -> int:
+    """How long an unfinished job's record may live."""
+    return settings.job_timeout_s + settings.event_ttl_s
+
+
+def create_celery(settings: Settings | None = None) -> Celery:
+    """Build the Celery app for workers and producers.
+
+    :param settings: defaults to :meth:`Settings.from_env`.
+    :return: the app; its :class:`Runtime` is ``app.sluice``.
+
+    Example::
+
+        app = create_celery(Settings.from_env())
+        app.send_task("sluice.generate", args=[job_id], queue="sluice")
+    """
+    settings = settings or Settings.from_env()
+    app = Celery("sluice", broker=settings.broker, include=["tasks.generate"])
+    app.conf.update(
+        # A worker dying mid-stream must not lose the job: ack only at the end,
+        # and hand the message back if the process is lost.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
+        broker_connection_retry_on_startup=True,
+        task_ignore_result=True,
+        task_default_queue=settings.queue,
+        task_serializer="json",
+        accept_content=["json"],
+        worker_concurrency=settings.worker_concurrency,
+        worker_pool="gevent",
+        worker_hijack_root_logger=False,
+        # Streams may run for minutes: give warm shutdown time to let them end.
+        worker_soft_shutdown_timeout=float(settings.job_timeout_s),
+        worker_enable_soft_shutdown_on_idle=False,
+        task_send_sent_event=True,
+        worker_send_task_events=True,
+    )
+    app.sluice = Runtime(settings)  # type: ignore[attr-defined]
+    return app

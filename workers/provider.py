@@ -1,0 +1,119 @@
+"""The model provider client: any OpenAI-compatible endpoint, through the official SDK."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import httpx2
+import openai
+
+from tasks.config import Settings
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Token usage the provider reported for one completion."""
+
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class Finish:
+    """The end of a completion stream."""
+
+    reason: str
+    usage: Usage | None
+
+
+class ProviderError(Exception):
+    """The provider failed; ``code`` is stable for clients, ``message`` says why."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class Provider:
+    """Streams chat completions from one OpenAI-compatible deployment.
+
+    Example::
+
+        provider = Provider(Settings.from_env())
+        with provider.stream("mock-1", [{"role": "user", "content": "hi"}], 16) as chunks:
+            for piece in chunks: ...
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        # Hundreds of concurrent streams per worker process: the SDK's default
+        # pool (100 connections) would queue them.
+        http = openai.DefaultHttpxClient(limits=httpx2.Limits(
+            max_connections=None, max_keepalive_connections=settings.worker_concurrency))
+        self.client = openai.OpenAI(
+            base_url=settings.openai_base_url, api_key=settings.openai_api_key,
+            max_retries=settings.provider_max_retries, timeout=settings.provider_timeout_s,
+            http_client=http)
+
+    def stream(self, model: str, messages: list[dict[str, Any]], max_tokens: int, *,
+               temperature: float | None = None, seed: int | None = None) -> Completion:
+        """Start a streaming completion.
+
+        :return: a context manager yielding text pieces then one :class:`Finish`.
+        :raises ProviderError: the request failed before streaming began.
+        """
+        options: dict[str, Any] = {}
+        if temperature is not None:
+            options["temperature"] = temperature
+        if seed is not None:
+            options["seed"] = seed
+        try:
+            stream = self.client.chat.completions.create(
+                model=model, messages=messages,  # type: ignore[arg-type]
+                max_tokens=max_tokens, stream=True,
+                stream_options={"include_usage": True}, **options)
+        except openai.APIStatusError as e:
+            raise ProviderError(f"provider_{e.status_code}", _message(e)) from e
+        except openai.APIError as e:
+            raise ProviderError("provider_unavailable", _message(e)) from e
+        return Completion(stream)
+
+
+class Completion:
+    """An open completion stream; closing it closes the HTTP response."""
+
+    def __init__(self, stream: openai.Stream[Any]) -> None:
+        self._stream = stream
+
+    def __enter__(self) -> Iterator[str | Finish]:
+        return self._pieces()
+
+    def __exit__(self, *exc: object) -> None:
+        self._stream.close()
+
+    def _pieces(self) -> Iterator[str | Finish]:
+        reason: str | None = None
+        usage = None
+        try:
+            for chunk in self._stream:
+                if chunk.usage is not None:
+                    usage = Usage(chunk.usage.prompt_tokens, chunk.usage.completion_tokens)
+                for choice in chunk.choices:
+                    if choice.delta.content:
+                        yield choice.delta.content
+                    if choice.finish_reason:
+                        reason = choice.finish_reason
+        except openai.APIError as e:
+            raise ProviderError("provider_stream_broken", _message(e)) from e
+        except httpx2.HTTPError as e:
+            raise ProviderError("provider_stream_broken", f"{type(e).__name__}: {e}") from e
+        if reason is None:
+            # The SDK ends quietly when a stream is cut before [DONE].
+            raise ProviderError("provider_stream_broken", "stream ended without finish_reason")
+        yield Finish(reason, usage)
+
+
+def _message(e: openai.APIError) -> str:
+    return f"{type(e).__name__}: {e.message}"
