@@ -231,7 +231,7 @@ class MockApp:
                 f'"model":{json.dumps(model)},"choices":').encode()
         tail = head + b'[{"index":0,"delta":{},"finish_reason":"' + finish.encode() + b'"}]}\n\n'
         if usage_wanted:
-            tail += head + b'[],"usage":' + json.dumps(_usage(messages, n)).encode() + b"}\n\n"
+            tail += head + b'[],"usage":' + json.dumps(_usage(messages, n), separators=(",", ":")).encode() + b"}\n\n"
         start_response("200 OK", [("Content-Type", "text/event-stream"), ("Cache-Control", "no-cache")])
         return self._stream(t0, head, indices[:max(1, n // 2)] if cut else indices, tail + b"data: [DONE]\n\n", cut)
 

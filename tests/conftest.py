@@ -1,0 +1,259 @@
+"""Real parts for every test: a redis-server, the mock model, Celery workers, gunicorn front ends."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+import websocket
+
+from workers.redis_server import RedisServer, free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+MOCK = {"ttft_ms": 40, "itl_ms": 15, "output_tokens": 12}
+
+
+def wait_for(predicate: Callable[[], Any], timeout_s: float = 20.0, what: str = "condition") -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail the test on timeout."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+        time.sleep(0.02)
+
+
+class Proc:
+    """A child process whose output goes to a log file, stopped at teardown."""
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], log_dir: Path) -> None:
+        self.name = name
+        self.log_path = log_dir / f"{name}-{time.monotonic_ns()}.log"
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.popen = subprocess.Popen(argv, env={**os.environ, **env}, cwd=ROOT,
+                                      stdout=self._log, stderr=subprocess.STDOUT,
+                                      start_new_session=True)
+
+    def log(self) -> str:
+        """Everything the process printed so far."""
+        return self.log_path.read_text(errors="replace")
+
+    def wait_log(self, needle: str, timeout_s: float = 30.0) -> str:
+        """Wait for ``needle`` in the output; fail with the log if the process dies first."""
+        def seen() -> bool:
+            if self.popen.poll() is not None:
+                raise AssertionError(f"{self.name} exited {self.popen.returncode}:\n{self.log()}")
+            return needle in self.log()
+        wait_for(seen, timeout_s, f"{self.name} to print {needle!r}")
+        return self.log()
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """Signal the whole process group."""
+        if self.popen.poll() is None:
+            os.killpg(self.popen.pid, sig)
+
+    def stop(self) -> None:
+        """Terminate politely, then kill."""
+        if self.popen.poll() is None:
+            self.kill(signal.SIGTERM)
+            try:
+                self.popen.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill(signal.SIGKILL)
+                self.popen.wait()
+        self._log.close()
+
+
+@pytest.fixture(scope="session")
+def log_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("logs")
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    with RedisServer() as server:
+        yield server
+
+
+@pytest.fixture
+def r(redis_server: RedisServer) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_server.url)
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def start_proc(log_dir: Path) -> Iterator[Callable[..., Proc]]:
+    """Start processes that are all stopped when the session ends."""
+    procs: list[Proc] = []
+
+    def start(name: str, argv: list[str], env: dict[str, str]) -> Proc:
+        proc = Proc(name, argv, env, log_dir)
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in procs:
+        proc.stop()
+
+
+def start_mock(start_proc: Callable[..., Proc], **config: Any) -> tuple[Proc, str]:
+    """Start a mock model; return it and its base URL."""
+    args = ", ".join(f"{k}={v!r}" for k, v in {**MOCK, **config}.items())
+    proc = start_proc("mockllm", [sys.executable, "-c",
+                                  "from workers.mockllm import serve, MockConfig; "
+                                  f"serve(MockConfig({args}), port=0)"], {})
+    line = proc.wait_log("listening on ")
+    url = line.split("listening on ", 1)[1].split()[0]
+    return proc, url
+
+
+@pytest.fixture(scope="session")
+def mock(start_proc: Callable[..., Proc]) -> str:
+    """The session's mock model base URL (``…/v1``)."""
+    return start_mock(start_proc)[1]
+
+
+@pytest.fixture(scope="session")
+def sluice_env(redis_server: RedisServer, mock: str) -> dict[str, str]:
+    """Environment shared by the session's workers and front ends."""
+    return {
+        "REDIS_URL": redis_server.url,
+        "OPENAI_BASE_URL": mock,
+        "OPENAI_API_KEY": "sk-test",
+        "SLUICE_MODELS": "mock-1,mock-2",
+        "SLUICE_LEASE_TTL_S": "2",
+        "SLUICE_MAX_FRAME_BYTES": "65536",
+        "SLUICE_WORKER_CONCURRENCY": "300",
+        "SLUICE_PROVIDER_MAX_RETRIES": "0",
+    }
+
+
+def start_worker(start_proc: Callable[..., Proc], env: dict[str, str], name: str = "w") -> Proc:
+    """Start one Celery worker process (gevent pool) and wait until it consumes."""
+    proc = start_proc(f"worker-{name}", [
+        str(BIN / "celery"), "-A", "workers", "worker", "-P", "gevent",
+        "-c", env.get("SLUICE_WORKER_CONCURRENCY", "300"), "-Q", "sluice",
+        "-n", f"{name}-{time.monotonic_ns()}@%h", "--without-gossip", "--without-mingle",
+        "-l", "INFO"], env)
+    proc.wait_log("ready.")
+    return proc
+
+
+def start_web(start_proc: Callable[..., Proc], env: dict[str, str]) -> str:
+    """Start one gunicorn front-end process; return its ws:// URL."""
+    port = free_port()
+    proc = start_proc("web", [str(BIN / "gunicorn"), "-k", "gevent", "-w", "1",
+                              "-b", f"127.0.0.1:{port}", "--log-level", "warning",
+                              "app:create_app()"], env)
+
+    def healthy() -> bool:
+        if proc.popen.poll() is not None:
+            raise AssertionError(f"web exited:\n{proc.log()}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1):
+                return True
+        except OSError:
+            return False
+    wait_for(healthy, 30, "the front end to answer /healthz")
+    return f"ws://127.0.0.1:{port}/ws"
+
+
+@pytest.fixture(scope="session")
+def worker(start_proc: Callable[..., Proc], sluice_env: dict[str, str]) -> Proc:
+    return start_worker(start_proc, sluice_env)
+
+
+@pytest.fixture(scope="session")
+def web(start_proc: Callable[..., Proc], sluice_env: dict[str, str], worker: Proc) -> str:
+    return start_web(start_proc, sluice_env)
+
+
+@pytest.fixture(scope="session")
+def web2(start_proc: Callable[..., Proc], sluice_env: dict[str, str], worker: Proc) -> str:
+    return start_web(start_proc, sluice_env)
+
+
+class Client:
+    """A real WebSocket client speaking Sluice's protocol."""
+
+    def __init__(self, url: str, timeout_s: float = 20.0) -> None:
+        self.ws = websocket.create_connection(url, timeout=timeout_s)
+        self.frames: list[dict[str, Any]] = []
+
+    def send(self, **frame: Any) -> None:
+        """Send one JSON frame."""
+        self.ws.send(json.dumps(frame))
+
+    def recv(self) -> dict[str, Any]:
+        """Receive one frame."""
+        frame = json.loads(self.ws.recv())
+        self.frames.append(frame)
+        return frame
+
+    def until(self, predicate: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
+        """Receive frames until one matches ``predicate``; return it."""
+        while True:
+            frame = self.recv()
+            if predicate(frame):
+                return frame
+
+    def finish(self, job_ids: set[str]) -> dict[str, list[dict[str, Any]]]:
+        """Receive until every job in ``job_ids`` has ended; return each job's events."""
+        open_jobs = set(job_ids)
+        while open_jobs:
+            frame = self.recv()
+            if frame.get("type") in ("done", "error") and frame.get("job_id") in open_jobs:
+                open_jobs.discard(frame["job_id"])
+        return self.events()
+
+    def events(self) -> dict[str, list[dict[str, Any]]]:
+        """Frames received so far that belong to a job, grouped by job id."""
+        out: dict[str, list[dict[str, Any]]] = {}
+        for f in self.frames:
+            if "seq" in f:
+                out.setdefault(f["job_id"], []).append(f)
+        return out
+
+    def close(self) -> None:
+        """Close the socket."""
+        self.ws.close()
+
+
+@pytest.fixture
+def connect() -> Iterator[Callable[[str], Client]]:
+    """Open clients that are closed after the test."""
+    clients: list[Client] = []
+
+    def open_client(url: str) -> Client:
+        client = Client(url)
+        clients.append(client)
+        return client
+
+    yield open_client
+    for c in clients:
+        c.close()
+
+
+def text_of(events: list[dict[str, Any]]) -> str:
+    """A job's text: its tokens after the last restart."""
+    text = ""
+    for e in events:
+        if e["type"] == "restart":
+            text = ""
+        elif e["type"] == "token":
+            text += e["text"]
+    return text
