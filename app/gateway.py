@@ -21,8 +21,7 @@ class Gateway:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.redis = redis.Redis.from_url(settings.redis_url, max_connections=None,
-                                          health_check_interval=30)
+        self.redis = settings.redis_client()
         self.jobs = JobStore(self.redis, job_ttl_s(settings))
         self.events = EventLog(self.redis, settings.event_ttl_s)
         self.relay = Relay(self.redis)

@@ -7,6 +7,7 @@ import logging
 from typing import Any
 
 import gevent
+import redis
 from flask import Blueprint, current_app
 from flask_sock import Sock
 from gevent.queue import Full, Queue
@@ -61,14 +62,23 @@ class Connection:
     def _handle(self, text: str | bytes) -> None:
         try:
             req = parse(text, self.gw.settings)
+        except ProtocolError as e:
+            self._send_now(e.frame())
+            return
+        try:
             if isinstance(req, Generate):
                 self._generate(req)
             elif isinstance(req, Resume):
                 self._resume(req)
-            elif isinstance(req, Cancel):
+            else:
                 self._cancel(req)
         except ProtocolError as e:
+            e.ref = req.ref
             self._send_now(e.frame())
+        except redis.RedisError as e:
+            log.warning("request failed: Redis unavailable: %s", e)
+            self._send_now(ProtocolError("unavailable", "the gateway cannot reach Redis; "
+                                         "retry shortly", req.ref).frame())
 
     def _generate(self, req: Generate) -> None:
         job_id, position = self.gw.submit(req.spec)
@@ -126,16 +136,22 @@ class Connection:
                         self._catch_up(job_id)
                     self.lagging.clear()
                 what, job_id, seq, frame = self.outbox.get()
-                if what == "frame":
-                    self.ws.send(frame)
-                elif what == "catchup":
-                    self._catch_up(job_id)
-                elif job_id in self.following:
-                    expected = self.following[job_id]
-                    if seq == expected:
-                        self._deliver(job_id, seq, frame)
-                    elif seq > expected:
+                try:
+                    if what == "frame":
+                        self.ws.send(frame)
+                    elif what == "catchup":
                         self._catch_up(job_id)
+                    elif job_id in self.following:
+                        expected = self.following[job_id]
+                        if seq == expected:
+                            self._deliver(job_id, seq, frame)
+                        elif seq > expected:
+                            self._catch_up(job_id)
+                except redis.RedisError as e:
+                    # Read the log again once Redis answers; nothing is lost.
+                    log.warning("catch-up of job %s failed: %s", job_id, e)
+                    self.lagging.add(job_id)
+                    gevent.sleep(0.5)
         except ConnectionClosed:
             pass
 

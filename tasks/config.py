@@ -7,6 +7,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
+import redis
+
 PREFIX = "SLUICE_"
 
 
@@ -43,6 +45,8 @@ class Settings:
     provider_max_retries: int = 2
     #: Celery queue for generation jobs.
     queue: str = "sluice"
+    #: Redis connections per process; greenlets beyond it wait for a free one.
+    redis_max_connections: int = 64
 
     @property
     def model_names(self) -> tuple[str, ...]:
@@ -53,6 +57,13 @@ class Settings:
     def broker(self) -> str:
         """The Celery broker URL."""
         return self.broker_url or self.redis_url
+
+    def redis_client(self) -> redis.Redis:
+        """A Redis client whose pool makes greenlets wait for a connection rather than fail."""
+        pool = redis.BlockingConnectionPool.from_url(
+            self.redis_url, max_connections=self.redis_max_connections, timeout=30,
+            health_check_interval=30)
+        return redis.Redis(connection_pool=pool)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

@@ -21,7 +21,8 @@ from tasks import keys
 TERMINAL = frozenset({"done", "error"})
 
 # Append one event to a job's log and wake its listeners.
-# KEYS[1] job hash, KEYS[2] log stream, KEYS[3] wake channel, KEYS[4] lease
+# KEYS[1] job hash, KEYS[2] log stream, KEYS[3] wake channel, KEYS[4] lease,
+# KEYS[5] running zset
 # ARGV[1] frame text before the seq, ARGV[2] frame text after the seq,
 # ARGV[3] lease token ('' skips the check), ARGV[4] final status ('' unless the
 #   event ends the job), ARGV[5] TTL in seconds for a job that has ended
@@ -41,7 +42,7 @@ if ARGV[4] ~= '' then
              'finished_ms', t[1] * 1000 + math.floor(t[2] / 1000))
   redis.call('EXPIRE', KEYS[1], ARGV[5])
   redis.call('EXPIRE', KEYS[2], ARGV[5])
-  if ARGV[3] ~= '' then redis.call('DEL', KEYS[4]) end
+  redis.call('ZREM', KEYS[5], string.sub(KEYS[1], -32))
 elseif seq == 0 then
   redis.call('EXPIRE', KEYS[2], redis.call('TTL', KEYS[1]))
 end
@@ -91,7 +92,8 @@ class EventLog:
         """
         head, tail = frame_parts(job_id, kind, body)
         seq, cancel = self._append(
-            keys=[keys.job(job_id), keys.log(job_id), keys.wake(job_id), keys.lease(job_id)],
+            keys=[keys.job(job_id), keys.log(job_id), keys.wake(job_id), keys.lease(job_id),
+                  keys.RUNNING],
             args=[head, tail, lease_token, status, self.ttl_s])
         if seq < 0:
             raise LeaseLostError(job_id)

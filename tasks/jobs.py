@@ -43,17 +43,6 @@ end
 return false
 """
 
-# Take the lease of a job, or renew it if we already hold it.
-# KEYS[1] lease. ARGV[1] token, ARGV[2] TTL ms. Returns 1 if held by us now.
-LEASE = """
-local cur = redis.call('GET', KEYS[1])
-if cur == false or cur == ARGV[1] then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  return 1
-end
-return 0
-"""
-
 # Flag a job for cancellation if it exists.  KEYS[1] job hash.
 # Returns 1 if the job exists (flagged now or before), else 0.
 CANCEL = """
@@ -62,10 +51,41 @@ redis.call('HSET', KEYS[1], 'cancel', 1)
 return 1
 """
 
-# Give the lease back, only if we hold it.  KEYS[1] lease. ARGV[1] token.
-RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+# Take the lease of a job, or renew it if we already hold it, and record
+# when it runs out in the running set.
+# KEYS[1] lease, KEYS[2] running zset. ARGV[1] token, ARGV[2] TTL ms, ARGV[3] job id.
+# Returns 1 if held by us now, else 0.
+LEASE = """
+local cur = redis.call('GET', KEYS[1])
+if cur == false or cur == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  local t = redis.call('TIME')
+  redis.call('ZADD', KEYS[2], t[1] * 1000 + math.floor(t[2] / 1000) + ARGV[2], ARGV[3])
+  return 1
+end
 return 0
+"""
+
+# Give the lease back, only if we hold it.
+# KEYS[1] lease, KEYS[2] running zset. ARGV[1] token, ARGV[2] job id.  Returns 1 if released.
+RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('ZREM', KEYS[2], ARGV[2])
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+# Claim running jobs whose lease ran out (their worker died) so that exactly
+# one reaper re-enqueues each; a claimed job gets ARGV[1] ms before it can be
+# claimed again.
+# KEYS[1] running zset. ARGV[1] grace ms, ARGV[2] max jobs.  Returns the job ids.
+CLAIM_ORPHANS = """
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local ids = redis.call('ZRANGE', KEYS[1], '-inf', now, 'BYSCORE', 'LIMIT', 0, ARGV[2])
+for _, id in ipairs(ids) do redis.call('ZADD', KEYS[1], now + ARGV[1], id) end
+return ids
 """
 
 
@@ -114,6 +134,7 @@ class JobStore:
         self._lease = client.register_script(LEASE)
         self._release = client.register_script(RELEASE)
         self._cancel = client.register_script(CANCEL)
+        self._claim = client.register_script(CLAIM_ORPHANS)
 
     def create(self, spec: JobSpec) -> tuple[str, int]:
         """Store a new job.
@@ -182,11 +203,20 @@ class JobStore:
 
     def take_lease(self, job_id: str, token: str, ttl_ms: int) -> bool:
         """Take or renew the generation lease; return whether ``token`` holds it."""
-        return bool(self._lease(keys=[keys.lease(job_id)], args=[token, ttl_ms]))
+        return bool(self._lease(keys=[keys.lease(job_id), keys.RUNNING],
+                                args=[token, ttl_ms, job_id]))
 
     def release_lease(self, job_id: str, token: str) -> None:
         """Give the lease back if ``token`` holds it."""
-        self._release(keys=[keys.lease(job_id)], args=[token])
+        self._release(keys=[keys.lease(job_id), keys.RUNNING], args=[token, job_id])
+
+    def claim_orphans(self, grace_ms: int, limit: int = 100) -> list[str]:
+        """Claim jobs whose lease ran out without being released; return their ids."""
+        return [i.decode() for i in self._claim(keys=[keys.RUNNING], args=[grace_ms, limit])]
+
+    def forget_running(self, job_id: str) -> None:
+        """Drop a job from the running set (it has ended or expired)."""
+        self.redis.zrem(keys.RUNNING, job_id)
 
     def advance_session(self, session: str, job_id: str) -> str | None:
         """Pop a finished job off its session; return the next job to start, if any."""

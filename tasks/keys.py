@@ -12,6 +12,7 @@ sluice:job:{id}:log           stream    the job's events; entry id ``0-(seq+1)``
 sluice:job:{id}:lease         string    token of the worker generating it (SET NX)
 sluice:job:{id}:wake          channel   one message per appended event
 sluice:session:{s}            list      job ids of a chat session, head = running
+sluice:running                zset      job id -> lease deadline (ms) of running jobs
 ============================  ========  ==============================================
 """
 
@@ -44,6 +45,10 @@ def session(name: str) -> str:
     """The ordered list of a chat session's unfinished jobs."""
     return f"{PREFIX}session:{name}"
 
+
+#: Jobs being generated, scored by when their lease runs out; a job whose
+#: deadline passed lost its worker and is re-enqueued by the reaper.
+RUNNING = f"{PREFIX}running"
 
 WAKE_PREFIX = f"{PREFIX}job:"
 WAKE_SUFFIX = ":wake"

@@ -96,8 +96,8 @@ def r(redis_server: RedisServer) -> Iterator[redis.Redis]:
 
 
 @pytest.fixture(scope="session")
-def start_proc(log_dir: Path) -> Iterator[Callable[..., Proc]]:
-    """Start processes that are all stopped when the session ends."""
+def start_proc(log_dir: Path, redis_server: RedisServer) -> Iterator[Callable[..., Proc]]:
+    """Start processes that are all stopped when the session ends (before Redis stops)."""
     procs: list[Proc] = []
 
     def start(name: str, argv: list[str], env: dict[str, str]) -> Proc:

@@ -22,14 +22,16 @@ from workers.mockllm import VOCAB, MockConfig, count_prompt_tokens, expected_tex
 REPO = Path(__file__).resolve().parents[1]
 FAST = MockConfig(ttft_ms=5, itl_ms=1, output_tokens=20, models=("mock-1", "mock-2"))
 TIMED = MockConfig(ttft_ms=100, itl_ms=20, output_tokens=1000)
-MESSAGES: list[Any] = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Tell me a story."}]
+MESSAGES: list[Any] = [{"role": "system", "content": "Be brief."},
+                       {"role": "user", "content": "Tell me a story."}]
 
 
 @contextlib.contextmanager
 def running_mock(config: MockConfig) -> Iterator[str]:
     """Run ``serve(config)`` in a subprocess and yield its base URL (ending in ``/v1``)."""
     code = f"from workers.mockllm import serve, MockConfig; serve({config!r}, port=0)"
-    proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE,
+                            text=True)
     assert proc.stdout is not None
     try:
         line = proc.stdout.readline()
@@ -55,7 +57,8 @@ def sdk_client(base_url: str) -> Iterator[openai.OpenAI]:
 
 def stats(base_url: str) -> dict[str, int]:
     """Read the mock's counters."""
-    with urllib.request.urlopen(base_url.removesuffix("/v1") + "/mock/stats", timeout=5) as response:
+    url = base_url.removesuffix("/v1") + "/mock/stats"
+    with urllib.request.urlopen(url, timeout=5) as response:
         result: dict[str, int] = json.load(response)
         return result
 
@@ -113,9 +116,11 @@ def test_expected_text_is_seeded_and_prefix_stable() -> None:
 
 def test_streaming_text_matches_expected_text(fast: openai.OpenAI) -> None:
     """A stream yields one token per chunk, role first, and exactly expected_text, then stop."""
-    chunks = list(fast.chat.completions.create(model="mock-1", messages=MESSAGES, seed=7, stream=True))
-    content = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
-    text = "".join(content)
+    chunks = list(fast.chat.completions.create(model="mock-1", messages=MESSAGES, seed=7,
+                                               stream=True))
+    content = [c.choices[0].delta.content for c in chunks if not c.choices[0].finish_reason]
+    assert all(content)
+    text = "".join(c or "" for c in content)
     assert text == expected_text(MESSAGES, None, FAST, seed=7)
     assert len(content) == FAST.output_tokens == len(get_encoding().encode_ordinary(text))
     assert chunks[0].choices[0].delta.role == "assistant"
@@ -130,7 +135,8 @@ def test_stream_ends_with_usage_chunk_when_requested(fast: openai.OpenAI) -> Non
     assert chunks[-1].choices == []
     usage = chunks[-1].usage
     assert usage is not None
-    assert (usage.prompt_tokens, usage.completion_tokens) == (count_prompt_tokens(MESSAGES), FAST.output_tokens)
+    assert usage.prompt_tokens == count_prompt_tokens(MESSAGES)
+    assert usage.completion_tokens == FAST.output_tokens
     assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
 
 
@@ -147,7 +153,8 @@ def test_non_streaming_completion(fast: openai.OpenAI) -> None:
 
 def test_max_tokens_cuts_with_finish_reason_length(fast: openai.OpenAI) -> None:
     """max_tokens below the natural length truncates the stream and reports length."""
-    chunks = list(fast.chat.completions.create(model="mock-1", messages=MESSAGES, max_tokens=5, stream=True))
+    chunks = list(fast.chat.completions.create(model="mock-1", messages=MESSAGES, max_tokens=5,
+                                               stream=True))
     text = "".join(c.choices[0].delta.content or "" for c in chunks)
     assert text == expected_text(MESSAGES, 5, FAST)
     assert len(chunks) == 6
@@ -156,7 +163,8 @@ def test_max_tokens_cuts_with_finish_reason_length(fast: openai.OpenAI) -> None:
 
 def test_max_completion_tokens_is_honoured(fast: openai.OpenAI) -> None:
     """max_completion_tokens limits the output like max_tokens does."""
-    completion = fast.chat.completions.create(model="mock-1", messages=MESSAGES, max_completion_tokens=3)
+    completion = fast.chat.completions.create(model="mock-1", messages=MESSAGES,
+                                              max_completion_tokens=3)
     assert completion.choices[0].message.content == expected_text(MESSAGES, 3, FAST)
     assert completion.choices[0].finish_reason == "length"
 
@@ -210,8 +218,9 @@ def test_fail_mode_cut_drops_the_stream_midway() -> None:
     config = MockConfig(ttft_ms=0, itl_ms=1, output_tokens=10, fail_rate=1.0, fail_mode="cut")
     received: list[str] = []
     with running_mock(config) as url, sdk_client(url) as client:
+        stream = client.chat.completions.create(model="mock-1", messages=MESSAGES, stream=True)
         with pytest.raises(openai.APIConnectionError):
-            for chunk in client.chat.completions.create(model="mock-1", messages=MESSAGES, stream=True):
+            for chunk in stream:
                 received.append(chunk.choices[0].delta.content or "")
         assert "".join(received) == expected_text(MESSAGES, 5, config)
         assert stats(url)["streams_completed"] == 0
@@ -223,8 +232,10 @@ def test_time_to_first_token_matches_config(timed_url: str) -> None:
     with sdk_client(timed_url) as client:
         start = time.perf_counter()
         # Read to the end: closing early would count an abort that the abort test could see.
-        for chunk in client.chat.completions.create(model="mock-1", messages=MESSAGES, max_tokens=2, stream=True):
-            if chunk.choices and chunk.choices[0].delta.content:
+        stream = client.chat.completions.create(model="mock-1", messages=MESSAGES, max_tokens=2,
+                                                stream=True)
+        for chunk in stream:
+            if chunk.choices[0].delta.content:
                 arrivals.append(time.perf_counter())
     assert 0.040 <= arrivals[0] - start <= 0.160
 
@@ -233,8 +244,10 @@ def test_inter_token_latency_matches_config(timed_url: str) -> None:
     """Tokens are spaced itl_ms apart on average (20 ms +/- 10 ms)."""
     arrivals = []
     with sdk_client(timed_url) as client:
-        for chunk in client.chat.completions.create(model="mock-1", messages=MESSAGES, max_tokens=30, stream=True):
-            if chunk.choices and chunk.choices[0].delta.content:
+        stream = client.chat.completions.create(model="mock-1", messages=MESSAGES, max_tokens=30,
+                                                stream=True)
+        for chunk in stream:
+            if chunk.choices[0].delta.content:
                 arrivals.append(time.perf_counter())
     assert len(arrivals) == 30
     assert 0.010 <= (arrivals[-1] - arrivals[0]) / 29 <= 0.030
@@ -249,9 +262,10 @@ def test_closing_a_stream_counts_an_abort(timed_url: str) -> None:
         next(stream)
         stream.close()
     deadline = time.monotonic() + 5
-    while stats(timed_url)["streams_aborted"] == before["streams_aborted"] and time.monotonic() < deadline:
-        time.sleep(0.01)
     after = stats(timed_url)
+    while after["streams_aborted"] == before["streams_aborted"] and time.monotonic() < deadline:
+        time.sleep(0.01)
+        after = stats(timed_url)
     assert after["streams_aborted"] == before["streams_aborted"] + 1
     assert after["streams_completed"] == before["streams_completed"]
     assert after["active_streams"] == 0

@@ -6,6 +6,7 @@ from functools import cached_property
 
 import redis
 from celery import Celery
+from celery.signals import worker_ready
 
 from tasks.config import Settings
 from tasks.events import EventLog
@@ -22,8 +23,7 @@ class Runtime:
     @cached_property
     def redis(self) -> redis.Redis:
         """The worker process's Redis client (a connection pool shared by its greenlets)."""
-        return redis.Redis.from_url(self.settings.redis_url, max_connections=None,
-                                    health_check_interval=30)
+        return self.settings.redis_client()
 
     @cached_property
     def events(self) -> EventLog:
@@ -82,3 +82,12 @@ def create_celery(settings: Settings | None = None) -> Celery:
     )
     app.sluice = Runtime(settings)  # type: ignore[attr-defined]
     return app
+
+
+@worker_ready.connect
+def _start_reaper(sender: object, **_: object) -> None:
+    import gevent
+
+    from workers.reaper import reap_forever
+
+    gevent.spawn(reap_forever, sender.app)  # type: ignore[attr-defined]

@@ -12,6 +12,7 @@ import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
 import gevent
@@ -38,11 +39,11 @@ VOCAB: tuple[str, ...] = tuple(" " + w for w in (
 ))
 _VOCAB_JSON = tuple(json.dumps(w).encode() for w in VOCAB)
 _INDICES = range(len(VOCAB))
-_STATUS = {200: "200 OK", 400: "400 Bad Request", 404: "404 Not Found", 405: "405 Method Not Allowed",
-           429: "429 Too Many Requests", 500: "500 Internal Server Error"}
 _STAT_KEYS = ("requests", "streams_started", "streams_completed", "streams_aborted",
               "active_streams", "failures_injected")
 _encoding: Encoding | None = None
+Body = Iterator[bytes] | list[bytes]
+Messages = list[dict[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -56,26 +57,22 @@ class MockConfig:
     #: Natural completion length; a request gets ``min(max_tokens, output_tokens)`` tokens.
     output_tokens: int = 50
     fail_rate: float = 0.0
-    #: ``"429"`` or ``"500"``: HTTP error before any token; ``"cut"``: the connection drops mid-stream.
+    #: ``"429"``/``"500"``: HTTP error before any token; ``"cut"``: connection dropped mid-stream.
     fail_mode: str = "500"
     models: tuple[str, ...] = ("mock-1",)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "models", tuple(self.models))
-        if self.fail_mode not in ("429", "500", "cut"):
-            raise ValueError(f"fail_mode must be '429', '500' or 'cut', not {self.fail_mode!r}")
-        if not 0.0 <= self.fail_rate <= 1.0:
-            raise ValueError("fail_rate must be within [0, 1]")
-        if self.output_tokens < 1 or not self.models:
-            raise ValueError("output_tokens must be >= 1 and models must not be empty")
-        if min(self.ttft_ms, self.itl_ms, self.jitter_ms) < 0:
-            raise ValueError("delays must not be negative")
+        delays = (self.ttft_ms, self.itl_ms, self.jitter_ms)
+        if (self.fail_mode not in ("429", "500", "cut") or not 0.0 <= self.fail_rate <= 1.0
+                or self.output_tokens < 1 or not self.models or min(delays) < 0):
+            raise ValueError(f"invalid MockConfig: {self!r}")
 
 
-class ApiError(Exception):
+class _ApiError(Exception):
     """A request the mock refuses, rendered as an OpenAI-style error body."""
 
-    def __init__(self, status: int, message: str, code: str | None, param: str | None = None) -> None:
+    def __init__(self, status: int, message: str, code: str, param: str | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.code, self.param = status, message, code, param
 
@@ -100,7 +97,7 @@ def _content_text(content: Any) -> str:
     return ""
 
 
-def count_prompt_tokens(messages: list[dict[str, Any]]) -> int:
+def count_prompt_tokens(messages: Messages) -> int:
     """Count prompt tokens the way OpenAI bills chat messages.
 
     :param messages: chat messages (``role``, ``content``, optional ``name``).
@@ -119,11 +116,10 @@ def count_prompt_tokens(messages: list[dict[str, Any]]) -> int:
     return total
 
 
-def _token_indices(prompt_or_messages: str | list[dict[str, Any]], seed: int | None, n: int) -> list[int]:
-    if isinstance(prompt_or_messages, str):
-        prompt = prompt_or_messages
-    else:
-        prompt = "".join(_content_text(m.get("content")) for m in prompt_or_messages)
+def _token_indices(prompt_or_messages: str | Messages, seed: int | None, n: int) -> list[int]:
+    prompt = prompt_or_messages
+    if not isinstance(prompt, str):
+        prompt = "".join(_content_text(m.get("content")) for m in prompt)
     digest = hashlib.sha256(f"{seed or 0}\x00{prompt}".encode("utf-8", "surrogatepass")).digest()
     # Each draw is independent of n, so a shorter completion is a prefix of a longer one.
     return random.Random(digest).choices(_INDICES, k=n)
@@ -135,7 +131,7 @@ def _length(max_tokens: int | None, config: MockConfig) -> tuple[int, str]:
     return config.output_tokens, "stop"
 
 
-def expected_text(prompt_or_messages: str | list[dict[str, Any]], max_tokens: int | None,
+def expected_text(prompt_or_messages: str | Messages, max_tokens: int | None,
                   config: MockConfig, seed: int | None = None) -> str:
     """Return the exact completion the mock produces for a request.
 
@@ -149,24 +145,26 @@ def expected_text(prompt_or_messages: str | list[dict[str, Any]], max_tokens: in
     return "".join(VOCAB[i] for i in _token_indices(prompt_or_messages, seed, n))
 
 
-def _parse_request(body: Any, config: MockConfig) -> tuple[str, list[dict[str, Any]], int | None, int | None]:
+def _parse_request(body: Any, config: MockConfig) -> tuple[str, Messages, int | None, int | None]:
     if not isinstance(body, dict):
-        raise ApiError(400, "The request body must be a JSON object.", "invalid_json")
+        raise _ApiError(400, "The request body must be a JSON object.", "invalid_json")
     messages = body.get("messages")
-    if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
-        raise ApiError(400, "'messages' must be a non-empty array of objects.", "invalid_value", "messages")
+    if not (isinstance(messages, list) and messages and all(isinstance(m, dict) for m in messages)):
+        raise _ApiError(400, "'messages' must be a non-empty array of objects.", "invalid_value",
+                        "messages")
     model = body.get("model")
     if not isinstance(model, str):
-        raise ApiError(400, "You must provide a model parameter.", "missing_required_parameter", "model")
+        raise _ApiError(400, "You must provide a model parameter.", "missing_required_parameter",
+                        "model")
     if model not in config.models:
-        raise ApiError(404, f"The model `{model}` does not exist or you do not have access to it.",
+        raise _ApiError(404, f"The model `{model}` does not exist or you do not have access to it.",
                        "model_not_found", "model")
     key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     max_tokens, seed = body.get(key), body.get("seed")
     if max_tokens is not None and (type(max_tokens) is not int or max_tokens < 1):
-        raise ApiError(400, f"'{key}' must be an integer >= 1.", "invalid_value", key)
+        raise _ApiError(400, f"'{key}' must be an integer >= 1.", "invalid_value", key)
     if seed is not None and type(seed) is not int:
-        raise ApiError(400, "'seed' must be an integer.", "invalid_value", "seed")
+        raise _ApiError(400, "'seed' must be an integer.", "invalid_value", "seed")
     return model, messages, max_tokens, seed
 
 
@@ -177,31 +175,33 @@ class MockApp:
         self.config = config
         self.stats: dict[str, int] = dict.fromkeys(_STAT_KEYS, 0)
         self._rng = random.Random()  # failure draws and jitter: need not be reproducible
-        self._models = json.dumps({"object": "list", "data": [
-            {"id": m, "object": "model", "created": 0, "owned_by": "sluice-mock"} for m in config.models]})
+        listed = [{"id": m, "object": "model", "created": 0, "owned_by": "sluice-mock"}
+                  for m in config.models]
+        self._models = json.dumps({"object": "list", "data": listed})
 
-    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterator[bytes] | list[bytes]:
-        method, path = environ["REQUEST_METHOD"], environ.get("PATH_INFO", "")
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Body:
+        route = environ["REQUEST_METHOD"] + " " + environ.get("PATH_INFO", "")
         try:
-            if path == "/v1/chat/completions":
-                if method != "POST":
-                    raise ApiError(405, "Use POST.", "method_not_allowed")
+            if route == "POST /v1/chat/completions":
                 return self._chat(environ, start_response)
-            if method != "GET" or path not in ("/v1/models", "/mock/stats"):
-                raise ApiError(405 if path in ("/v1/models", "/mock/stats") else 404,
-                               f"Unknown request URL: {method} {path}.", "unknown_url")
-            return _send(start_response, 200, self._models if path == "/v1/models" else json.dumps(self.stats))
-        except ApiError as e:
-            error = {"message": e.message, "type": "invalid_request_error", "param": e.param, "code": e.code}
+            if route == "GET /v1/models":
+                return _send(start_response, 200, self._models)
+            if route == "GET /mock/stats":
+                return _send(start_response, 200, json.dumps(self.stats))
+            raise _ApiError(404, f"Unknown request URL: {route}.", "unknown_url")
+        except _ApiError as e:
+            error = {"message": e.message, "type": "invalid_request_error", "param": e.param,
+                     "code": e.code}
             return _send(start_response, e.status, json.dumps({"error": error}))
 
-    def _chat(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterator[bytes] | list[bytes]:
+    def _chat(self, environ: WSGIEnvironment, start_response: StartResponse) -> Body:
         t0 = time.monotonic()
         self.stats["requests"] += 1
         try:
             body = json.loads(environ["wsgi.input"].read() or b"null")
         except ValueError:
-            raise ApiError(400, "We could not parse the JSON body of your request.", "invalid_json") from None
+            raise _ApiError(400, "We could not parse the JSON body of your request.",
+                            "invalid_json") from None
         model, messages, max_tokens, seed = _parse_request(body, self.config)
         cfg = self.config
         cut = False
@@ -216,7 +216,8 @@ class MockApp:
         indices = _token_indices(messages, seed, n)
         cid, created = "chatcmpl-" + os.urandom(12).hex(), int(time.time())
         if not body.get("stream"):
-            gevent.sleep(max(0.0, t0 + (cfg.ttft_ms + cfg.itl_ms * (n - 1)) / 1000 - time.monotonic()))
+            duration = (cfg.ttft_ms + cfg.itl_ms * (n - 1)) / 1000
+            gevent.sleep(max(0.0, t0 + duration - time.monotonic()))
             if cut:
                 _drop_connection()
             usage = _usage(messages, n)
@@ -231,12 +232,17 @@ class MockApp:
                 f'"model":{json.dumps(model)},"choices":').encode()
         tail = head + b'[{"index":0,"delta":{},"finish_reason":"' + finish.encode() + b'"}]}\n\n'
         if usage_wanted:
-            tail += head + b'[],"usage":' + json.dumps(_usage(messages, n), separators=(",", ":")).encode() + b"}\n\n"
-        start_response("200 OK", [("Content-Type", "text/event-stream"), ("Cache-Control", "no-cache")])
-        return self._stream(t0, head, indices[:max(1, n // 2)] if cut else indices, tail + b"data: [DONE]\n\n", cut)
+            usage_json = json.dumps(_usage(messages, n), separators=(",", ":")).encode()
+            tail += head + b'[],"usage":' + usage_json + b"}\n\n"
+        start_response("200 OK", [("Content-Type", "text/event-stream"),
+                                  ("Cache-Control", "no-cache")])
+        indices = indices[:max(1, n // 2)] if cut else indices
+        return self._stream(t0, head, indices, tail + b"data: [DONE]\n\n", cut)
 
-    def _stream(self, t0: float, head: bytes, indices: list[int], tail: bytes, cut: bool) -> Iterator[bytes]:
-        stats, cfg, sleep, now, words = self.stats, self.config, gevent.sleep, time.monotonic, _VOCAB_JSON
+    def _stream(self, t0: float, head: bytes, indices: list[int], tail: bytes,
+                cut: bool) -> Iterator[bytes]:
+        stats, cfg, sleep, now, words = (self.stats, self.config, gevent.sleep, time.monotonic,
+                                         _VOCAB_JSON)
         first = head + b'[{"index":0,"delta":{"role":"assistant","content":'
         prefix = head + b'[{"index":0,"delta":{"content":'
         suffix = b'},"finish_reason":null}]}\n\n'
@@ -250,7 +256,7 @@ class MockApp:
             for i in indices:
                 deadline += max(0.0, delay + uniform(-jitter, jitter)) if jitter else delay
                 wait = deadline - now()
-                sleep(max(0.0, wait))  # sleep(0) still yields, so one fast stream cannot starve the rest
+                sleep(max(0.0, wait))  # sleep(0) still yields: a fast stream cannot starve the rest
                 yield lead + words[i] + suffix
                 delay, lead = itl, prefix
             if cut:
@@ -270,21 +276,24 @@ def _drop_connection() -> None:
     raise ConnectionResetError(errno.ECONNRESET, "mockllm: injected connection cut")
 
 
-def _usage(messages: list[dict[str, Any]], n: int) -> dict[str, int]:
+def _usage(messages: Messages, n: int) -> dict[str, int]:
     prompt = count_prompt_tokens(messages)
     return {"prompt_tokens": prompt, "completion_tokens": n, "total_tokens": prompt + n}
 
 
 def _send(start_response: StartResponse, status: int, body: str) -> list[bytes]:
     data = body.encode()
-    start_response(_STATUS[status], [("Content-Type", "application/json"), ("Content-Length", str(len(data)))])
+    start_response(f"{status} {HTTPStatus(status).phrase}",
+                   [("Content-Type", "application/json"), ("Content-Length", str(len(data)))])
     return [data]
 
 
-_RATE_LIMITED = json.dumps({"error": {"message": "Rate limit reached (injected by mockllm).",
-                                      "type": "requests", "param": None, "code": "rate_limit_exceeded"}})
-_SERVER_ERROR = json.dumps({"error": {"message": "The server had an error while processing your request "
-                                      "(injected by mockllm).", "type": "server_error", "param": None, "code": None}})
+_RATE_LIMITED = json.dumps({"error": {
+    "message": "Rate limit reached (injected by mockllm).", "type": "requests", "param": None,
+    "code": "rate_limit_exceeded"}})
+_SERVER_ERROR = json.dumps({"error": {
+    "message": "The server had an error while processing your request (injected by mockllm).",
+    "type": "server_error", "param": None, "code": None}})
 
 
 def make_wsgi_app(config: MockConfig) -> MockApp:

@@ -1,0 +1,42 @@
+"""Re-enqueues jobs whose worker died: their lease ran out without being released.
+
+Celery's Redis transport also redelivers unacked messages, but only after the
+visibility timeout, which must exceed the longest job.  The lease notices a
+dead worker within ``lease_ttl_s``; every worker process runs a reaper, and a
+Lua claim makes sure each orphan is re-enqueued by one of them.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import gevent
+import redis
+
+log = logging.getLogger(__name__)
+
+
+def reap_forever(app: Any) -> None:
+    """Every half lease, re-enqueue the jobs whose lease ran out."""
+    rt = app.sluice
+    period_s = rt.settings.lease_ttl_s / 2
+    while True:
+        gevent.sleep(period_s)
+        try:
+            reap_once(app)
+        except redis.RedisError as e:
+            log.warning("reaper: %s", e)
+
+
+def reap_once(app: Any) -> list[str]:
+    """Claim and re-enqueue orphaned jobs; return their ids."""
+    rt = app.sluice
+    orphans = rt.jobs.claim_orphans(grace_ms=rt.settings.lease_ttl_s * 3000)
+    for job_id in orphans:
+        if rt.jobs.status(job_id) in (None, "done", "error", "cancelled"):
+            rt.jobs.forget_running(job_id)
+            continue
+        log.warning("job %s lost its worker; re-enqueueing", job_id)
+        app.send_task("sluice.generate", args=[job_id], queue=rt.settings.queue)
+    return orphans
