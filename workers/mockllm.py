@@ -324,7 +324,9 @@ def serve(config: MockConfig, host: str = "127.0.0.1", port: int = 0) -> None:
     :param port: the port to bind; 0 picks a free one.
     """
     get_encoding()  # load now so the first request's TTFT does not include it
-    server = WSGIServer((host, port), make_wsgi_app(config), log=None, handler_class=_Handler)
+    # gevent's default backlog (128) drops SYNs when a benchmark opens ~1000 streams at once.
+    server = WSGIServer((host, port), make_wsgi_app(config), backlog=4096, log=None,
+                        handler_class=_Handler)
     server.start()
     shown = f"[{host}]" if ":" in host else host
     print(f"mockllm listening on http://{shown}:{server.server_port}/v1", flush=True)
