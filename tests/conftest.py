@@ -146,7 +146,7 @@ def start_worker(start_proc: Callable[..., Proc], env: dict[str, str], name: str
     """Start one Celery worker process (gevent pool) and wait until it consumes."""
     proc = start_proc(f"worker-{name}", [
         str(BIN / "celery"), "-A", "workers", "worker", "-P", "gevent",
-        "-c", env.get("SLUICE_WORKER_CONCURRENCY", "300"), "-Q", "sluice",
+        "-c", env.get("SLUICE_WORKER_CONCURRENCY", "300"), "-Q", env.get("SLUICE_QUEUE", "sluice"),
         "-n", f"{name}-{time.monotonic_ns()}@%h", "--without-gossip", "--without-mingle",
         "-l", "INFO"], env)
     proc.wait_log("ready.")

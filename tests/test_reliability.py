@@ -1,0 +1,114 @@
+"""Worker death, cancellation and chat-session ordering, on a stack with a slow model."""
+
+from __future__ import annotations
+
+import json
+import signal
+import urllib.request
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from tests.conftest import Client, Proc, start_mock, start_web, start_worker, text_of, wait_for
+from workers.mockllm import MockConfig, expected_text
+
+SLOW = {"ttft_ms": 50, "itl_ms": 60, "output_tokens": 40}
+SLOW_CONFIG = MockConfig(**SLOW)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def slow_mock(start_proc: Callable[..., Proc]) -> str:
+    return start_mock(start_proc, **SLOW)[1]
+
+
+@pytest.fixture(scope="module")
+def slow_env(sluice_env: dict[str, str], slow_mock: str) -> dict[str, str]:
+    """A separate queue and model, so only this module's workers take these jobs."""
+    return {**sluice_env, "OPENAI_BASE_URL": slow_mock, "SLUICE_QUEUE": "slow",
+            "SLUICE_LEASE_TTL_S": "1"}
+
+
+@pytest.fixture(scope="module")
+def slow_web(start_proc: Callable[..., Proc], slow_env: dict[str, str]) -> str:
+    return start_web(start_proc, slow_env)
+
+
+@pytest.fixture
+def slow_worker(start_proc: Callable[..., Proc], slow_env: dict[str, str]) -> Iterator[Proc]:
+    proc = start_worker(start_proc, {**slow_env, "SLUICE_WORKER_CONCURRENCY": "20"}, "slow")
+    yield proc
+    proc.stop()
+
+
+def mock_stats(base_url: str) -> dict[str, Any]:
+    with urllib.request.urlopen(base_url.removesuffix("/v1") + "/mock/stats", timeout=5) as resp:
+        return json.loads(resp.read())
+
+
+def test_killed_worker_job_finishes_on_another(start_proc: Callable[..., Proc],
+                                               slow_env: dict[str, str], slow_web: str,
+                                               connect: Callable[[str], Client]) -> None:
+    """kill -9 the worker mid-stream, start another: restart, then the whole text, seq contiguous."""
+    first = start_worker(start_proc, {**slow_env, "SLUICE_WORKER_CONCURRENCY": "20"}, "doomed")
+    c = connect(slow_web)
+    c.send(type="generate", prompt="survive a crash", max_tokens=30)
+    job_id = c.recv()["job_id"]
+    for _ in range(5):
+        assert c.recv()["type"] == "token"
+    first.kill(signal.SIGKILL)
+    first.popen.wait()
+    second = start_worker(start_proc, {**slow_env, "SLUICE_WORKER_CONCURRENCY": "20"}, "heir")
+    try:
+        ev = c.finish({job_id})[job_id]
+    finally:
+        second.stop()
+    assert [e["seq"] for e in ev] == list(range(len(ev)))
+    kinds = [e["type"] for e in ev]
+    assert "restart" in kinds and kinds[-1] == "done"
+    assert text_of(ev) == expected_text("survive a crash", 30, SLOW_CONFIG)
+    assert ev[-1]["metrics"]["attempts"] == 2
+
+
+def test_cancel_stops_generation_promptly(slow_worker: Proc, slow_web: str, slow_mock: str,
+                                          connect: Callable[[str], Client]) -> None:
+    """cancel ends the job with error 'cancelled' and the model sees its stream closed."""
+    before = mock_stats(slow_mock)["streams_aborted"]
+    c = connect(slow_web)
+    c.send(type="generate", prompt="cancel me", max_tokens=40)
+    job_id = c.recv()["job_id"]
+    c.until(lambda f: f.get("type") == "token")
+    c.send(type="cancel", job_id=job_id)
+    end = c.until(lambda f: f.get("type") in ("done", "error"))
+    assert end["type"] == "error" and end["code"] == "cancelled"
+    tokens = [f for f in c.events()[job_id] if f["type"] == "token"]
+    assert len(tokens) < 10, "generation went on long after the cancel"
+    wait_for(lambda: mock_stats(slow_mock)["streams_aborted"] > before, 5,
+             "the mock to see the stream closed")
+
+
+def test_session_jobs_run_one_after_another(slow_worker: Proc, slow_web: str,
+                                            connect: Callable[[str], Client]) -> None:
+    """Three jobs of one session run strictly in order: each starts after the previous ends."""
+    c = connect(slow_web)
+    for i in range(3):
+        c.send(type="generate", ref=i, prompt=f"turn {i}", max_tokens=4, session="chat-1")
+    jobs = [c.until(lambda f: f.get("type") == "queued")["job_id"] for _ in range(3)]
+    c.finish(set(jobs))
+    order = [f["job_id"] for f in c.frames if f["type"] in ("token", "done")]
+    # Collapse runs: strictly sequential means each job's frames are contiguous, in order.
+    runs = [j for i, j in enumerate(order) if i == 0 or order[i - 1] != j]
+    assert runs == jobs
+
+
+def test_jobs_without_session_run_together(slow_worker: Proc, slow_web: str,
+                                           connect: Callable[[str], Client]) -> None:
+    """Three jobs without a session overlap: every job has a token before the first ends."""
+    c = connect(slow_web)
+    for i in range(3):
+        c.send(type="generate", ref=i, prompt=f"parallel {i}", max_tokens=8)
+    jobs = [c.until(lambda f: f.get("type") == "queued")["job_id"] for _ in range(3)]
+    first_done = c.until(lambda f: f.get("type") == "done")
+    started = {f["job_id"] for f in c.frames if f["type"] == "token"}
+    assert started == set(jobs), f"only {len(started)} jobs had started when {first_done['job_id']} ended"
+    c.finish(set(jobs) - {first_done["job_id"]})
