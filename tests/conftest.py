@@ -136,7 +136,7 @@ def sluice_env(redis_server: RedisServer, mock: str) -> dict[str, str]:
         "OPENAI_API_KEY": "sk-test",
         "SLUICE_MODELS": "mock-1,mock-2",
         "SLUICE_LEASE_TTL_S": "2",
-        "SLUICE_MAX_FRAME_BYTES": "65536",
+        "SLUICE_MAX_FRAME_BYTES": "3000",
         "SLUICE_WORKER_CONCURRENCY": "300",
         "SLUICE_PROVIDER_MAX_RETRIES": "0",
     }
