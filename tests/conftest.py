@@ -229,8 +229,9 @@ class Client:
         return out
 
     def close(self) -> None:
-        """Close the socket."""
+        """Close the socket (even when the server closed it first)."""
         self.ws.close()
+        self.ws.shutdown()
 
 
 @pytest.fixture

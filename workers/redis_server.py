@@ -39,8 +39,9 @@ def free_port() -> int:
 def answers(url: str, timeout_s: float = 0.5) -> bool:
     """Whether a Redis server answers PING at ``url``."""
     try:
-        return bool(redis.Redis.from_url(url, socket_timeout=timeout_s,
-                                         socket_connect_timeout=timeout_s).ping())
+        with redis.Redis.from_url(url, socket_timeout=timeout_s,
+                                  socket_connect_timeout=timeout_s) as client:
+            return bool(client.ping())
     except (redis.RedisError, OSError, ValueError):
         return False
 
