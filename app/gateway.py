@@ -32,6 +32,7 @@ class Gateway:
 
         :return: the job id and its position (session jobs ahead of it, or the queue depth).
         """
+        spec.queue = self.settings.queue
         job_id, ahead = self.jobs.create(spec)
         if spec.session:
             return job_id, ahead

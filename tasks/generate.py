@@ -47,11 +47,13 @@ def generate(self: Task, job_id: str) -> None:
 
 
 def _start_next(task: Task, job: Job) -> None:
-    if job.spec.session:
-        nxt = task.app.sluice.jobs.advance_session(job.spec.session, job.job_id)  # type: ignore[attr-defined]
-        if nxt:
-            task.app.send_task("sluice.generate", args=[nxt],
-                               queue=task.app.sluice.settings.queue)  # type: ignore[attr-defined]
+    if not job.spec.session:
+        return
+    jobs = task.app.sluice.jobs  # type: ignore[attr-defined]
+    nxt = jobs.advance_session(job.spec.session, job.job_id)
+    queue = jobs.queue_of(nxt) if nxt else None
+    if nxt and queue:
+        task.app.send_task("sluice.generate", args=[nxt], queue=queue)
 
 
 class Attempt:

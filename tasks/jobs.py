@@ -100,6 +100,8 @@ class JobSpec:
     seed: int | None = None
     session: str | None = None
     owner: str = "anonymous"
+    #: The Celery queue the job runs on; every re-run goes back to it.
+    queue: str = "sluice"
     extra: dict[str, str] = field(default_factory=dict)
 
 
@@ -144,7 +146,8 @@ class JobStore:
         job_id = uuid.uuid4().hex
         fields: dict[str, str] = {
             "model": spec.model, "messages": json.dumps(spec.messages),
-            "max_tokens": str(spec.max_tokens), "owner": spec.owner, **spec.extra,
+            "max_tokens": str(spec.max_tokens), "owner": spec.owner, "queue": spec.queue,
+            **spec.extra,
         }
         if spec.temperature is not None:
             fields["temperature"] = repr(spec.temperature)
@@ -168,12 +171,18 @@ class JobStore:
             max_tokens=int(raw["max_tokens"]),
             temperature=float(raw["temperature"]) if "temperature" in raw else None,
             seed=int(raw["seed"]) if "seed" in raw else None,
-            session=raw.get("session"), owner=raw.get("owner", "anonymous"))
+            session=raw.get("session"), owner=raw.get("owner", "anonymous"),
+            queue=raw.get("queue", "sluice"))
         return Job(job_id=job_id, spec=spec, status=raw["status"],
                    created_ms=int(raw["created_ms"]),
                    started_ms=int(raw["started_ms"]) if "started_ms" in raw else None,
                    seq=int(raw.get("seq", 0)), attempts=int(raw.get("attempts", 0)),
                    cancel_requested="cancel" in raw)
+
+    def queue_of(self, job_id: str) -> str | None:
+        """The Celery queue a job runs on, or ``None`` when it does not exist."""
+        value = self.redis.hget(keys.job(job_id), "queue")
+        return value.decode() if value is not None else None
 
     def status(self, job_id: str) -> str | None:
         """The job's status, or ``None`` when it does not exist."""

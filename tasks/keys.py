@@ -14,6 +14,22 @@ sluice:job:{id}:wake          channel   one message per appended event
 sluice:session:{s}            list      job ids of a chat session, head = running
 sluice:running                zset      job id -> lease deadline (ms) of running jobs
 ============================  ========  ==============================================
+
+Admission control (API keys, token buckets, usage).  API keys live until
+revoked and deleted by an operator; every other admission key expires: a
+bucket once it would be full again, a key's slot set after its last slot
+deadline, a reservation with its job, a usage day after ``usage_ttl_s``.
+
+============================  ========  ==============================================
+key                           type      holds
+============================  ========  ==============================================
+sluice:apikey:{kid}           hash      sha256 of the key, tier, name, created_ms, state
+sluice:apikeys                zset      key id -> created ms, for listing
+sluice:bucket:{kid}           hash      token and request levels, last refill (µs)
+sluice:slots:{kid}            zset      job id -> slot deadline (ms) of admitted jobs
+sluice:job:{id}:reservation   hash      key id, tokens reserved, bucket figures
+sluice:usage:{kid}:{day}      hash      requests, rejected, prompt/completion tokens
+============================  ========  ==============================================
 """
 
 from __future__ import annotations
@@ -57,3 +73,34 @@ WAKE_SUFFIX = ":wake"
 def job_id_of_wake(channel: str) -> str:
     """Invert :func:`wake`."""
     return channel[len(WAKE_PREFIX):-len(WAKE_SUFFIX)]
+
+
+# -- admission control ------------------------------------------------------
+
+#: API key ids by creation time, for ``sluice keys list``.
+API_KEYS = f"{PREFIX}apikeys"
+
+
+def api_key(key_id: str) -> str:
+    """An API key's record: its hash, tier, name and state (never the key itself)."""
+    return f"{PREFIX}apikey:{key_id}"
+
+
+def bucket(key_id: str) -> str:
+    """The token and request buckets of an API key."""
+    return f"{PREFIX}bucket:{key_id}"
+
+
+def slots(key_id: str) -> str:
+    """The concurrency slots held by an API key's admitted, unsettled jobs."""
+    return f"{PREFIX}slots:{key_id}"
+
+
+def reservation(job_id: str) -> str:
+    """A job's token reservation; deleting it is what settles the job exactly once."""
+    return f"{PREFIX}job:{job_id}:reservation"
+
+
+def usage(key_id: str, day: str) -> str:
+    """An API key's usage counters for one UTC day (``YYYY-MM-DD``)."""
+    return f"{PREFIX}usage:{key_id}:{day}"

