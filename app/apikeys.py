@@ -1,0 +1,165 @@
+"""API keys: created once, stored only as a SHA-256 hash, verified on every connection.
+
+A key looks like ``sk-sluice-<43 url-safe characters>`` (256 random bits).
+Its id is the first 16 hex digits of its hash, so verifying a key is one
+``HGETALL`` and the id can appear in logs, the CLI and metrics without
+revealing anything.  Because the keys are long random strings, a plain
+SHA-256 is as strong as a slow password hash here, and much cheaper.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+import time
+from dataclasses import dataclass
+
+import redis
+
+from tasks import keys
+
+KEY_PREFIX = "sk-sluice-"
+KEY_ID_HEX = 16
+MAX_KEY_CHARS = 200
+MAX_NAME_CHARS = 100
+ACTIVE, REVOKED = "active", "revoked"
+#: The key id of requests made without a key, when anonymous access is enabled.
+ANONYMOUS_ID = "anonymous"
+
+
+class KeyNotFoundError(LookupError):
+    """No API key has that id."""
+
+
+@dataclass(frozen=True)
+class KeyInfo:
+    """An API key as stored: everything but the key itself."""
+
+    key_id: str
+    name: str
+    tier: str
+    created_ms: int
+    state: str = ACTIVE
+    revoked_ms: int | None = None
+
+    @property
+    def active(self) -> bool:
+        """Whether the key may be used."""
+        return self.state == ACTIVE
+
+
+def hash_key(raw_key: str) -> str:
+    """The SHA-256 hex digest stored in place of ``raw_key``."""
+    return hashlib.sha256(raw_key.encode()).hexdigest()
+
+
+def anonymous_key(tier: str) -> KeyInfo:
+    """The identity of unauthenticated clients, who share one set of buckets.
+
+    :param tier: the tier anonymous clients get.
+    """
+    return KeyInfo(ANONYMOUS_ID, ANONYMOUS_ID, tier, 0)
+
+
+class KeyStore:
+    """Creates, lists, revokes and verifies API keys in Redis.
+
+    Example::
+
+        store = KeyStore(redis.Redis.from_url(url))
+        raw, info = store.create("alice", "pro")   # show ``raw`` once; it is not kept
+        assert store.verify(raw) == info
+    """
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.redis = client
+
+    def create(self, name: str, tier: str) -> tuple[str, KeyInfo]:
+        """Make a new key; the caller must show it now, as only its hash is stored.
+
+        :param name: who or what the key is for.
+        :param tier: the tier whose limits the key gets.
+        :return: the raw key and its stored record.
+        :raises ValueError: an empty or overlong name or tier.
+        """
+        for what, value in (("name", name), ("tier", tier)):
+            if not value or len(value) > MAX_NAME_CHARS:
+                raise ValueError(f"key {what} must have 1..{MAX_NAME_CHARS} characters, "
+                                 f"got {value!r}")
+        while True:
+            raw = KEY_PREFIX + secrets.token_urlsafe(32)
+            digest = hash_key(raw)
+            info = KeyInfo(digest[:KEY_ID_HEX], name, tier, int(time.time() * 1000))
+            # 64-bit ids never collide in practice; if one does, draw again rather
+            # than overwrite someone's key.
+            if self.redis.hsetnx(keys.api_key(info.key_id), "hash", digest):
+                break
+        pipe = self.redis.pipeline()
+        pipe.hset(keys.api_key(info.key_id), mapping={
+            "name": name, "tier": tier, "created_ms": info.created_ms, "state": ACTIVE})
+        pipe.zadd(keys.API_KEYS, {info.key_id: info.created_ms})
+        pipe.execute()
+        return raw, info
+
+    def get(self, key_id: str) -> KeyInfo | None:
+        """Read a key's record by id, or ``None`` when there is none."""
+        return _info(key_id, _fields(self.redis.hgetall(keys.api_key(key_id))))
+
+    def list(self) -> list[KeyInfo]:
+        """Every key, oldest first, revoked ones included."""
+        ids = [_text(i) for i in self.redis.zrange(keys.API_KEYS, 0, -1)]
+        pipe = self.redis.pipeline(transaction=False)
+        for key_id in ids:
+            pipe.hgetall(keys.api_key(key_id))
+        found = (_info(i, _fields(raw)) for i, raw in zip(ids, pipe.execute(), strict=True))
+        return [info for info in found if info is not None]
+
+    def revoke(self, key_id: str) -> KeyInfo:
+        """Revoke a key: from now on :meth:`verify` refuses it.  Revoking twice is harmless.
+
+        :return: the revoked key's record.
+        :raises KeyNotFoundError: no key has this id.
+        """
+        info = self.get(key_id)
+        if info is None:
+            raise KeyNotFoundError(f"no API key with id {key_id!r}")
+        if info.active:
+            revoked_ms = int(time.time() * 1000)
+            self.redis.hset(keys.api_key(key_id),
+                            mapping={"state": REVOKED, "revoked_ms": revoked_ms})
+            info = KeyInfo(info.key_id, info.name, info.tier, info.created_ms, REVOKED,
+                           revoked_ms)
+        return info
+
+    def verify(self, raw_key: str) -> KeyInfo | None:
+        """Return the record of an active key, or ``None`` for an unknown or revoked one.
+
+        :param raw_key: the key as the client presented it (``Bearer`` token).
+        :raises redis.RedisError: Redis cannot be reached; the caller decides what that means.
+        """
+        if not raw_key.startswith(KEY_PREFIX) or len(raw_key) > MAX_KEY_CHARS:
+            return None
+        digest = hash_key(raw_key)
+        key_id = digest[:KEY_ID_HEX]
+        fields = _fields(self.redis.hgetall(keys.api_key(key_id)))
+        if not hmac.compare_digest(fields.get("hash", ""), digest):
+            return None
+        info = _info(key_id, fields)
+        return info if info is not None and info.active else None
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _fields(raw: dict[bytes, bytes]) -> dict[str, str]:
+    return {_text(k): _text(v) for k, v in raw.items()}
+
+
+def _info(key_id: str, fields: dict[str, str]) -> KeyInfo | None:
+    if "tier" not in fields:
+        return None
+    revoked = fields.get("revoked_ms")
+    return KeyInfo(key_id, fields["name"], fields["tier"], int(fields["created_ms"]),
+                   fields["state"], int(revoked) if revoked else None)
