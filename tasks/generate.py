@@ -93,10 +93,13 @@ class Attempt:
         pieces = 0
         finish: Finish | None = None
         error: ProviderError | None = None
+        limit_s = self.rt.settings.job_timeout_s
         try:
             spec = self.job.spec
-            with self.rt.provider.stream(spec.model, spec.messages, spec.max_tokens,
-                                         temperature=spec.temperature, seed=spec.seed) as stream:
+            too_long = ProviderError("timeout", f"the job ran longer than {limit_s} s")
+            with gevent.Timeout(limit_s, too_long), self.rt.provider.stream(
+                    spec.model, spec.messages, spec.max_tokens,
+                    temperature=spec.temperature, seed=spec.seed) as stream:
                 for piece in stream:
                     if isinstance(piece, Finish):
                         finish = piece
