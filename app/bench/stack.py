@@ -1,0 +1,230 @@
+"""A private Sluice for ``--start-stack``: Redis, the mock model, Celery workers, gunicorn.
+
+Every child runs in its own session (a terminal's Ctrl-C reaches only the
+bench, which then tears down in order) and is told by the kernel to die
+with the bench (``PR_SET_PDEATHSIG``), so even a ``kill -9`` of the bench
+leaves no process behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+from app.bench.config import BenchError, StackOptions
+from workers.mockllm import MockConfig
+from workers.redis_server import answers, find_redis_server, free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+PR_SET_PDEATHSIG = 1
+
+
+def _child_setup(parent: int, death_signal: int) -> Callable[[], None]:
+    def setup() -> None:
+        os.setsid()
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, death_signal, 0, 0, 0)
+        if os.getppid() != parent:  # the bench died before prctl took effect
+            os._exit(1)
+    return setup
+
+
+class Child:
+    """One child process (and its process group) writing to a log file."""
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], log_dir: Path,
+                 death_signal: int = signal.SIGKILL) -> None:
+        self.name = name
+        self.log_path = log_dir / f"{name}.log"
+        with open(self.log_path, "wb") as log:
+            self.popen = subprocess.Popen(
+                argv, env=env, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=log,
+                stderr=subprocess.STDOUT, preexec_fn=_child_setup(os.getpid(), death_signal))
+
+    @property
+    def pid(self) -> int:
+        """The process id (also its process group id)."""
+        return self.popen.pid
+
+    def check(self) -> None:
+        """Raise if the process has exited.
+
+        :raises BenchError: with the end of its log.
+        """
+        if self.popen.poll() is not None:
+            raise BenchError(f"{self.name} exited with status {self.popen.returncode}:\n"
+                             f"{self.tail()}")
+
+    def tail(self, lines: int = 15) -> str:
+        """The last lines of the log."""
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join("    " + line for line in text.splitlines()[-lines:])
+
+    def stop(self, first: int = signal.SIGTERM, grace_s: float = 5.0) -> None:
+        """Signal the process group, wait ``grace_s``, then kill whatever is left of it."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, first)
+        try:
+            self.popen.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            pass
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, signal.SIGKILL)
+        self.popen.wait()
+
+
+class Stack:
+    """Starts and stops a complete Sluice on loopback ports.
+
+    Example::
+
+        stack = Stack(StackOptions(workers=2), model="mock-1")
+        try:
+            stack.start()
+            ...  # stack.urls, stack.mock_url, stack.roles()
+        finally:
+            stack.stop()
+    """
+
+    def __init__(self, opts: StackOptions, model: str, log_dir: Path | None = None,
+                 max_tokens_limit: int = 4096) -> None:
+        self.opts = opts
+        self.model = model
+        self.max_tokens_limit = max_tokens_limit
+        self._own_dir = log_dir is None
+        self.log_dir = Path(tempfile.mkdtemp(prefix="sluice-bench-")) if log_dir is None \
+            else log_dir
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.mock_config = MockConfig(ttft_ms=opts.mock_ttft_ms, itl_ms=opts.mock_itl_ms,
+                                      jitter_ms=opts.mock_jitter_ms,
+                                      output_tokens=opts.mock_output_tokens, models=(model,))
+        self.redis_url = ""
+        self.mock_url = ""
+        self.urls: list[str] = []
+        self.children: dict[str, list[Child]] = {"redis": [], "mock": [], "worker": [],
+                                                 "web": []}
+
+    def start(self, deadline_s: float = 60.0) -> None:
+        """Start everything and wait until each part answers.
+
+        :raises BenchError: a part failed to start (its log's end is in the message).
+        """
+        end = time.monotonic() + deadline_s
+        port = free_port()
+        self.redis_url = f"redis://127.0.0.1:{port}/0"
+        self._spawn("redis", [find_redis_server(), "--port", str(port), "--bind", "127.0.0.1",
+                              "--save", "", "--appendonly", "no", "--dir", str(self.log_dir),
+                              "--maxclients", "20000", "--loglevel", "warning"], {})
+        self._wait(lambda: answers(self.redis_url, 0.2), "redis", end)
+        o = self.opts
+        mock = self._spawn("mock", [sys.executable, "-c", "from app.cli import main; main()",
+                                    "mockllm", "--port", "0", "--ttft-ms", str(o.mock_ttft_ms),
+                                    "--itl-ms", str(o.mock_itl_ms), "--jitter-ms",
+                                    str(o.mock_jitter_ms), "--output-tokens",
+                                    str(o.mock_output_tokens), "--models", self.model], {})
+        self._wait(lambda: "listening on " in mock.log_path.read_text(errors="replace"),
+                   "mock", end)
+        line = mock.log_path.read_text().split("listening on ", 1)[1]
+        self.mock_url = line.split()[0]
+        names = [f"bench{i}-{os.getpid()}@localhost" for i in range(o.workers)]
+        for i, name in enumerate(names):
+            self._spawn(f"worker{i}", [
+                str(BIN / "celery"), "-A", "workers", "worker", "-P", "gevent",
+                "-c", str(o.worker_concurrency), "-Q", "sluice", "-n", name,
+                "--without-gossip", "--without-mingle", "-l", "WARNING"], {}, "worker")
+        ports = [free_port() for _ in range(o.webs)]
+        for i, p in enumerate(ports):
+            self._spawn(f"web{i}", [
+                str(BIN / "gunicorn"), "-k", "gevent", "-w", "1", "--worker-connections",
+                "10000", "--backlog", "4096", "-b", f"127.0.0.1:{p}", "--graceful-timeout", "3",
+                "--log-level", "warning", "app:create_app()"], {}, "web", signal.SIGTERM)
+        self._wait_workers(names, end)
+        for p in ports:
+            self._wait(lambda p=p: _http_ok(f"http://127.0.0.1:{p}/readyz"), "web", end)
+        self.urls = [f"ws://127.0.0.1:{p}/ws" for p in ports]
+
+    def roles(self) -> dict[str, list[int]]:
+        """Root pids of Sluice's own processes by role (not the mock's)."""
+        return {role: [c.pid for c in kids] for role, kids in self.children.items()
+                if role != "mock"}
+
+    def mock_pids(self) -> list[int]:
+        """Pids of the mock model."""
+        return [c.pid for c in self.children["mock"]]
+
+    def stop(self) -> None:
+        """Stop every part (front ends first, Redis last); safe to call twice."""
+        for role, first in (("web", signal.SIGTERM), ("worker", signal.SIGQUIT),
+                            ("mock", signal.SIGTERM), ("redis", signal.SIGTERM)):
+            for child in self.children[role]:
+                child.stop(first)
+            self.children[role] = []
+        if self._own_dir:
+            shutil.rmtree(self.log_dir, ignore_errors=True)
+
+    def _env(self) -> dict[str, str]:
+        env = {**os.environ, "REDIS_URL": self.redis_url, "OPENAI_BASE_URL": self.mock_url,
+               "OPENAI_API_KEY": "sk-bench", "SLUICE_MODELS": self.model,
+               "SLUICE_QUEUE": "sluice",
+               "SLUICE_WORKER_CONCURRENCY": str(self.opts.worker_concurrency),
+               "SLUICE_MAX_TOKENS_LIMIT": str(self.max_tokens_limit)}
+        for var in ("SLUICE_BROKER_URL", "CELERY_BROKER_URL"):
+            env.pop(var, None)
+        env.update(dict(self.opts.env))
+        return env
+
+    def _spawn(self, name: str, argv: list[str], extra: dict[str, str], role: str = "",
+               death_signal: int = signal.SIGKILL) -> Child:
+        child = Child(name, argv, {**self._env(), **extra}, self.log_dir, death_signal)
+        self.children[role or name].append(child)
+        return child
+
+    def _wait(self, ready: Callable[[], bool], role: str, end: float) -> None:
+        while True:
+            for child in self.children[role]:
+                child.check()
+            if ready():
+                return
+            if time.monotonic() > end:
+                tails = "\n".join(f"{c.name}:\n{c.tail()}" for c in self.children[role])
+                raise BenchError(f"the stack's {role} did not become ready in time:\n{tails}")
+            time.sleep(0.05)
+
+    def _wait_workers(self, names: list[str], end: float) -> None:
+        from celery import Celery  # imported only when a stack is started
+
+        app = Celery("sluice-bench", broker=self.redis_url)
+        seen: set[str] = set()
+
+        def ready() -> bool:
+            for reply in app.control.ping(destination=names, timeout=0.3) or ():
+                seen.update(reply)
+            return seen >= set(names)
+        try:
+            self._wait(ready, "worker", end)
+        finally:
+            app.close()
+
+
+_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with _NO_PROXY.open(url, timeout=1) as resp:
+            return bool(resp.status == 200)
+    except OSError:
+        return False
