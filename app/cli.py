@@ -63,6 +63,30 @@ def run(port: int, concurrency: str) -> None:
     os.execvpe(sys.executable, [sys.executable, "-m", "honcho", *argv[1:]], env)
 
 
+@main.command(context_settings={"ignore_unknown_options": True})
+@click.option("--bind", default="127.0.0.1:8000", show_default=True)
+@click.option("--processes", "-w", default=1, show_default=True, help="gunicorn workers.")
+@click.argument("gunicorn_args", nargs=-1, type=click.UNPROCESSED)
+def web(bind: str, processes: int, gunicorn_args: tuple[str, ...]) -> None:
+    """Run the front end under gunicorn with gevent workers.
+
+    Sets up a fresh PROMETHEUS_MULTIPROC_DIR so /metrics adds up all processes.
+    """
+    import shutil
+    import tempfile
+
+    metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR") or tempfile.mkdtemp(
+        prefix="sluice-metrics-")
+    shutil.rmtree(metrics_dir, ignore_errors=True)
+    os.makedirs(metrics_dir)
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": metrics_dir}
+    gunicorn = Path(sys.executable).parent / "gunicorn"
+    argv = [str(gunicorn), "-c", "python:app.gunicorn_conf", "-w", str(processes),
+            "-b", bind, *gunicorn_args, "app:create_app()"]
+    sys.stdout.flush()
+    os.execve(str(gunicorn), argv, env)
+
+
 @main.command("redis")
 @click.option("--dev-only", is_flag=True, help="Idle unless SLUICE_DEV_REDIS=1.")
 def redis_cmd(dev_only: bool) -> None:

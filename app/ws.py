@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from typing import Any
 
 import gevent
@@ -13,6 +14,7 @@ from flask_sock import Sock
 from gevent.queue import Full, Queue
 from simple_websocket import ConnectionClosed
 
+from app import metrics
 from app.gateway import Gateway
 from app.protocol import Cancel, Generate, ProtocolError, Resume, parse
 from tasks.events import TERMINAL, frame_kind
@@ -39,10 +41,13 @@ class Connection:
         #: job id -> the next seq this client should receive
         self.following: dict[str, int] = {}
         self.lagging: set[str] = set()
+        #: jobs this socket submitted and has not yet sent a token of -> accepted at
+        self.accepted_at: dict[str, float] = {}
 
     def serve(self) -> None:
         """Run the socket until the client goes away."""
         writer = gevent.spawn(self._write)
+        metrics.OPEN_SOCKETS.inc()
         try:
             while True:
                 text = self.ws.receive()
@@ -53,6 +58,8 @@ class Connection:
             pass
         finally:
             writer.kill()
+            metrics.OPEN_SOCKETS.dec()
+            metrics.FOLLOWED_JOBS.dec(len(self.following))
             for job_id in list(self.following):
                 self.gw.relay.unfollow(job_id, self)
                 if self.gw.settings.cancel_on_disconnect:
@@ -63,7 +70,7 @@ class Connection:
         try:
             req = parse(text, self.gw.settings)
         except ProtocolError as e:
-            self._send_now(e.frame())
+            self._reject(e)
             return
         try:
             if isinstance(req, Generate):
@@ -74,14 +81,20 @@ class Connection:
                 self._cancel(req)
         except ProtocolError as e:
             e.ref = req.ref
-            self._send_now(e.frame())
+            self._reject(e)
         except redis.RedisError as e:
             log.warning("request failed: Redis unavailable: %s", e)
-            self._send_now(ProtocolError("unavailable", "the gateway cannot reach Redis; "
-                                         "retry shortly", req.ref).frame())
+            self._reject(ProtocolError("unavailable", "the gateway cannot reach Redis; "
+                                       "retry shortly", req.ref))
+
+    def _reject(self, error: ProtocolError) -> None:
+        metrics.REQUESTS_REJECTED.labels(error.code).inc()
+        self._send_now(error.frame())
 
     def _generate(self, req: Generate) -> None:
+        accepted = time.monotonic()
         job_id, position = self.gw.submit(req.spec)
+        self.accepted_at[job_id] = accepted
         # ``queued`` goes into the outbox before the job can produce anything.
         self._send_now(json.dumps({"type": "queued", "ref": req.ref, "job_id": job_id,
                                    "position": position}))
@@ -106,6 +119,7 @@ class Connection:
             self._put(("catchup", job_id, 0, ""))
             return
         self.following[job_id] = next_seq
+        metrics.FOLLOWED_JOBS.inc()
         self.gw.relay.follow(job_id, self)
 
     # -- relay callbacks (reader greenlet; must not block) -----------------
@@ -166,9 +180,17 @@ class Connection:
 
     def _deliver(self, job_id: str, seq: int, frame: str) -> None:
         self.ws.send(frame)
+        metrics.FRAMES_SENT.inc()
         self.following[job_id] = seq + 1
-        if frame_kind(frame) in TERMINAL:
+        kind = frame_kind(frame)
+        if job_id in self.accepted_at and kind in ("token", *TERMINAL):
+            ttft_s = time.monotonic() - self.accepted_at.pop(job_id)
+            if kind == "token":
+                metrics.CLIENT_TTFT.observe(ttft_s)
+                self.gw.jobs.record_client_ttft(job_id, ttft_s * 1000)
+        if kind in TERMINAL:
             del self.following[job_id]
+            metrics.FOLLOWED_JOBS.dec()
             self.gw.relay.unfollow(job_id, self)
 
 

@@ -45,6 +45,8 @@ class Settings:
     provider_max_retries: int = 2
     #: Celery queue for generation jobs.
     queue: str = "sluice"
+    #: Port of a worker process's Prometheus endpoint; 0 serves none.
+    metrics_port: int = 0
     #: Redis connections per process; greenlets beyond it wait for a free one.
     redis_max_connections: int = 64
 

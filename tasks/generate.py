@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from itertools import pairwise
 from typing import Any
 
 import gevent
@@ -13,6 +14,7 @@ from gevent.event import Event
 
 from tasks.events import LeaseLostError
 from tasks.jobs import FINAL, Job
+from workers import metrics
 from workers.provider import Finish, ProviderError
 
 log = logging.getLogger(__name__)
@@ -73,7 +75,6 @@ class Attempt:
         self.stop = Event()        # cancel seen, lease lost, or reading ended
         self.cancelled = False
         self.lease_lost = False
-        self.tokens_written = 0
 
     def run(self) -> None:
         """Generate, then log ``done`` or ``error``."""
@@ -87,10 +88,9 @@ class Attempt:
             return
         heartbeat = gevent.spawn(self._heartbeat)
         writer = gevent.spawn(self._write_tokens)
+        metrics.IN_FLIGHT.inc()
         t_start = time.monotonic()
-        first: float | None = None
-        last = t_start
-        pieces = 0
+        times: list[float] = []  # when each piece arrived
         finish: Finish | None = None
         error: ProviderError | None = None
         limit_s = self.rt.settings.job_timeout_s
@@ -104,10 +104,7 @@ class Attempt:
                     if isinstance(piece, Finish):
                         finish = piece
                         break
-                    last = time.monotonic()
-                    if first is None:
-                        first = last
-                    pieces += 1
+                    times.append(time.monotonic())
                     self.pending.append(piece)
                     self.wakeup.set()
                     if self.stop.is_set():
@@ -119,29 +116,57 @@ class Attempt:
             self.wakeup.set()
             writer.join()
             heartbeat.kill()
+            metrics.IN_FLIGHT.dec()
         if self.lease_lost:
             log.warning("job %s: lease lost, another attempt owns it", jid)
-        elif self.cancelled:
+            return
+        deployment = self.rt.provider.name
+        if self.cancelled:
             self._finish_cancelled()
+            metrics.JOBS.labels("cancelled").inc()
         elif error is not None:
             self._emit("error", {"code": error.code, "message": error.message}, status="error")
+            metrics.JOBS.labels("error").inc()
+            metrics.PROVIDER_ERRORS.labels(deployment, error.code).inc()
         else:
             assert finish is not None
-            usage = finish.usage
-            n = pieces
-            metrics = {
-                "queue_wait_ms": max(0, started_ms - self.job.created_ms),
-                "provider_ttft_ms": _ms(first - t_start) if first else None,
-                "tpot_ms": _ms((last - first) / (n - 1)) if first and n > 1 else None,
-                "generation_ms": _ms(last - t_start),
-                "attempts": attempt,
-            }
-            self._emit("done", {
-                "finish_reason": finish.reason,
-                "usage": {"prompt_tokens": usage.prompt_tokens if usage else None,
-                          "completion_tokens": usage.completion_tokens if usage else n},
-                "metrics": metrics,
-            }, status="done")
+            self._finish_done(finish, attempt, started_ms, t_start, times, deployment)
+
+    def _finish_done(self, finish: Finish, attempt: int, started_ms: int, t_start: float,
+                     times: list[float], deployment: str) -> None:
+        usage = finish.usage
+        n = usage.completion_tokens if usage else len(times)
+        first, last = (times[0], times[-1]) if times else (None, t_start)
+        gaps = sorted(b - a for a, b in pairwise(times))
+        queue_wait_ms = max(0, started_ms - self.job.created_ms)
+        m: dict[str, Any] = {
+            "queue_wait_ms": queue_wait_ms,
+            "provider_ttft_ms": _ms(first - t_start) if first is not None else None,
+            "tpot_ms": _ms((last - first) / (n - 1)) if first is not None and n > 1 else None,
+            "itl_p50_ms": _ms(gaps[len(gaps) // 2]) if gaps else None,
+            "itl_max_ms": _ms(gaps[-1]) if gaps else None,
+            "generation_ms": _ms(last - t_start),
+            "e2e_ms": max(0, int(time.time() * 1000) - self.job.created_ms),
+            "client_ttft_ms": self.rt.jobs.client_ttft_ms(self.job.job_id),
+            "deployment": deployment,
+            "attempts": attempt,
+        }
+        self._emit("done", {
+            "finish_reason": finish.reason,
+            "usage": {"prompt_tokens": usage.prompt_tokens if usage else None,
+                      "completion_tokens": n},
+            "metrics": m,
+        }, status="done")
+        metrics.JOBS.labels("done").inc()
+        metrics.QUEUE_WAIT.observe(queue_wait_ms / 1000)
+        metrics.E2E.observe(m["e2e_ms"] / 1000)
+        if first is not None:
+            metrics.PROVIDER_TTFT.labels(deployment).observe(first - t_start)
+            if n > 1:
+                metrics.TPOT.labels(deployment).observe((last - first) / (n - 1))
+        metrics.TOKENS.labels("out").inc(n)
+        if usage:
+            metrics.TOKENS.labels("in").inc(usage.prompt_tokens)
 
     def _write_tokens(self) -> None:
         # Greenlets switch only on I/O, so checking ``pending`` then waiting

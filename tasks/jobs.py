@@ -202,6 +202,15 @@ class JobStore:
         _, _, attempt, started = pipe.execute()
         return int(attempt), int(started)
 
+    def record_client_ttft(self, job_id: str, ms: float) -> None:
+        """Record when the submitting client got its first token (ms after acceptance)."""
+        self.redis.hsetnx(keys.job(job_id), "client_ttft_ms", round(ms, 3))
+
+    def client_ttft_ms(self, job_id: str) -> float | None:
+        """The client-facing TTFT a front end recorded, if any."""
+        value = self.redis.hget(keys.job(job_id), "client_ttft_ms")
+        return float(value) if value is not None else None
+
     def cancel_requested(self, job_id: str) -> bool:
         """Whether a cancel was requested for the job."""
         return bool(self.redis.hexists(keys.job(job_id), "cancel"))

@@ -85,9 +85,12 @@ def create_celery(settings: Settings | None = None) -> Celery:
 
 
 @worker_ready.connect
-def _start_reaper(sender: object, **_: object) -> None:
+def _start_housekeeping(sender: object, **_: object) -> None:
     import gevent
 
+    from workers import metrics
     from workers.reaper import reap_forever
 
-    gevent.spawn(reap_forever, sender.app)  # type: ignore[attr-defined]
+    app = sender.app  # type: ignore[attr-defined]
+    metrics.serve(app.sluice.settings.metrics_port)
+    gevent.spawn(reap_forever, app)

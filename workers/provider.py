@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlparse
 
 import httpx2
 import openai
@@ -56,6 +57,8 @@ class Provider:
             base_url=settings.openai_base_url, api_key=settings.openai_api_key,
             max_retries=settings.provider_max_retries, timeout=settings.provider_timeout_s,
             http_client=http)
+        #: A bounded label for metrics: the deployment's host and port.
+        self.name = urlparse(settings.openai_base_url).netloc or "default"
 
     def stream(self, model: str, messages: list[dict[str, Any]], max_tokens: int, *,
                temperature: float | None = None, seed: int | None = None) -> Completion:

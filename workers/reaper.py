@@ -15,18 +15,20 @@ import gevent
 import redis
 
 from tasks.jobs import FINAL
+from workers import metrics
 
 log = logging.getLogger(__name__)
 
 
 def reap_forever(app: Any) -> None:
-    """Every half lease, re-enqueue the jobs whose lease ran out."""
+    """Every half lease, re-enqueue the jobs whose lease ran out and sample the queue depth."""
     rt = app.sluice
     period_s = rt.settings.lease_ttl_s / 2
     while True:
         gevent.sleep(period_s)
         try:
             reap_once(app)
+            metrics.QUEUE_DEPTH.labels(rt.settings.queue).set(rt.redis.llen(rt.settings.queue))
         except redis.RedisError as e:
             log.warning("reaper: %s", e)
 
