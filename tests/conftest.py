@@ -139,6 +139,7 @@ def sluice_env(redis_server: RedisServer, mock: str) -> dict[str, str]:
         "SLUICE_MAX_FRAME_BYTES": "3000",
         "SLUICE_WORKER_CONCURRENCY": "300",
         "SLUICE_PROVIDER_MAX_RETRIES": "0",
+        "SLUICE_METRICS_PORT": str(free_port()),
     }
 
 

@@ -26,7 +26,7 @@ def slow_mock(start_proc: Callable[..., Proc]) -> str:
 def slow_env(sluice_env: dict[str, str], slow_mock: str) -> dict[str, str]:
     """A separate queue and model, so only this module's workers take these jobs."""
     return {**sluice_env, "OPENAI_BASE_URL": slow_mock, "SLUICE_QUEUE": "slow",
-            "SLUICE_LEASE_TTL_S": "1"}
+            "SLUICE_LEASE_TTL_S": "1", "SLUICE_METRICS_PORT": "0"}
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,133 @@
+"""Per-job metrics, Prometheus endpoints and Flower, against the running system."""
+
+from __future__ import annotations
+
+import base64
+import json
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Client, Proc, wait_for
+from workers.redis_server import free_port
+
+BIN = Path(sys.executable).parent
+
+
+def _get(url: str, auth: tuple[str, str] | None = None) -> tuple[int, str]:
+    req = urllib.request.Request(url)
+    if auth:
+        req.add_header("Authorization", "Basic " + base64.b64encode(":".join(auth).encode()).decode())
+    try:
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as e:
+        body = e.read().decode()
+        e.close()
+        return e.code, body
+
+
+def _sample(text: str, name: str) -> float:
+    """The value of the first sample line starting with ``name``."""
+    for line in text.splitlines():
+        if line.startswith(name):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"no sample {name!r} in:\n{text[:2000]}")
+
+
+def _run_job(web: str, connect: Callable[[str], Client], prompt: str = "observe me") -> dict:
+    c = connect(web)
+    c.send(type="generate", prompt=prompt, max_tokens=6)
+    job_id = c.recv()["job_id"]
+    return c.finish({job_id})[job_id][-1]
+
+
+def test_done_carries_every_per_job_metric(web: str, connect: Callable[[str], Client]) -> None:
+    """done.metrics has queue wait, provider and client TTFT, TPOT, ITL, E2E, deployment, attempts."""
+    done = _run_job(web, connect)
+    m = done["metrics"]
+    for key in ("queue_wait_ms", "provider_ttft_ms", "client_ttft_ms", "tpot_ms", "itl_p50_ms",
+                "itl_max_ms", "generation_ms", "e2e_ms", "deployment", "attempts"):
+        assert m.get(key) is not None, key
+    assert m["provider_ttft_ms"] <= m["e2e_ms"]
+    assert 5 <= m["tpot_ms"] <= 60  # the session's mock streams a token every 15 ms
+    assert m["attempts"] == 1
+
+
+def test_front_end_metrics_count_sockets_and_ttft(web: str, connect: Callable[[str], Client]) -> None:
+    """/metrics on the front end exposes open sockets and the client-facing TTFT histogram."""
+    _run_job(web, connect)
+    status, text = _get(web.replace("ws://", "http://").replace("/ws", "/metrics"))
+    assert status == 200
+    assert _sample(text, "sluice_client_ttft_seconds_count") >= 1
+    assert _sample(text, "sluice_open_sockets") >= 1  # the test's own socket is still open
+    assert "sluice_requests_rejected_total" in text
+
+
+def test_worker_metrics_count_jobs_and_tokens(web: str, connect: Callable[[str], Client],
+                                              sluice_env: dict[str, str]) -> None:
+    """The worker's /metrics counts finished jobs, output tokens and samples the queue depth."""
+    _run_job(web, connect)
+    url = f"http://127.0.0.1:{sluice_env['SLUICE_METRICS_PORT']}/metrics"
+    status, text = _get(url)
+    assert status == 200
+    assert _sample(text, 'sluice_jobs_total{outcome="done"}') >= 1
+    assert _sample(text, 'sluice_tokens_total{direction="out"}') >= 6
+    assert "sluice_provider_ttft_seconds_bucket" in text
+    wait_for(lambda: 'sluice_queue_depth{queue="sluice"}' in _get(url)[1], 10, "a queue depth sample")
+
+
+@pytest.fixture(scope="module")
+def flower(start_proc: Callable[..., Proc], sluice_env: dict[str, str], worker: Proc) -> str:
+    port = free_port()
+    env = {**sluice_env, "SLUICE_FLOWER_USER": "ops", "SLUICE_FLOWER_PASSWORD": "s3cret",
+           "SLUICE_DEV": "0"}
+    proc = start_proc("flower", [str(BIN / "sluice"), "flower", "--port", str(port),
+                                 "--address=127.0.0.1"], env)
+    url = f"http://127.0.0.1:{port}"
+    wait_for(lambda: proc.popen.poll() is not None or _get_ok(url), 30, "Flower to answer")
+    assert proc.popen.poll() is None, proc.log()
+    return url
+
+
+def _get_ok(url: str) -> bool:
+    try:
+        return _get(url + "/healthcheck")[0] == 200
+    except OSError:
+        return False
+
+
+def test_flower_requires_auth_and_shows_workers_and_tasks(
+        flower: str, web: str, connect: Callable[[str], Client]) -> None:
+    """Flower answers 401 without credentials; with them it lists workers and id-only tasks."""
+    assert _get(flower + "/api/workers")[0] == 401
+    auth = ("ops", "s3cret")
+    workers = wait_for(lambda: json.loads(_get(flower + "/api/workers", auth)[1]), 20,
+                       "Flower to see a worker")
+    assert workers
+    _run_job(web, connect, prompt="a secret prompt for flower")
+
+    def generation_tasks() -> list[dict]:
+        tasks = json.loads(_get(flower + "/api/tasks", auth)[1])
+        return [t for t in tasks.values() if t.get("name") == "sluice.generate"
+                and t.get("state") == "SUCCESS"]
+    tasks = wait_for(generation_tasks, 20, "Flower to see a finished generation task")
+    shown = json.dumps(tasks)
+    assert "a secret prompt" not in shown
+    assert all(len(json.loads(t["args"].replace("'", '"'))) == 1 for t in tasks)
+
+
+def test_flower_refuses_to_start_without_credentials(sluice_env: dict[str, str]) -> None:
+    """Outside dev mode, Flower without credentials exits with a clear message."""
+    import subprocess
+
+    env = {k: v for k, v in sluice_env.items()}
+    env.update({"SLUICE_DEV": "0", "PATH": str(BIN)})
+    out = subprocess.run([str(BIN / "sluice"), "flower", "--port", str(free_port())], env=env,
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode != 0
+    assert "SLUICE_FLOWER_PASSWORD" in out.stderr
