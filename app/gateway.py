@@ -33,10 +33,7 @@ class Gateway:
         :return: the job id and its position (session jobs ahead of it, or the queue depth).
         """
         spec.queue = self.settings.queue
-        job_id, ahead = self.jobs.create(spec)
-        if spec.session:
-            return job_id, ahead
-        return job_id, int(self.redis.llen(self.settings.queue))
+        return self.jobs.create(spec)
 
     def enqueue(self, job_id: str) -> None:
         """Hand a stored job to the workers; on failure log an ``error`` event for it."""

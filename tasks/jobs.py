@@ -17,18 +17,20 @@ FINAL = frozenset({"done", "error", "cancelled"})
 
 # Create a job record and, for a chat session, queue it behind the session's
 # earlier jobs.
-# KEYS[1] job hash, KEYS[2] session list (a dummy key when there is no session)
+# KEYS[1] job hash, KEYS[2] session list (a dummy key when there is no session),
+# KEYS[3] the Celery queue's list (for its depth; never written)
 # ARGV[1] TTL seconds, ARGV[2] session name ('' for none), ARGV[3..] field, value…
-# Returns the number of the session's jobs ahead of this one (0 = may start now).
+# Returns {session jobs ahead of this one (0 = may start now), jobs waiting in the queue}.
 CREATE = """
 local t = redis.call('TIME')
 redis.call('HSET', KEYS[1], 'created_ms', t[1] * 1000 + math.floor(t[2] / 1000),
            'status', 'queued', unpack(ARGV, 3))
 redis.call('EXPIRE', KEYS[1], ARGV[1])
-if ARGV[2] == '' then return 0 end
+local waiting = redis.call('LLEN', KEYS[3])
+if ARGV[2] == '' then return {0, waiting} end
 local n = redis.call('RPUSH', KEYS[2], string.sub(KEYS[1], -32))
 redis.call('EXPIRE', KEYS[2], ARGV[1])
-return n - 1
+return {n - 1, waiting}
 """
 
 # Take a finished job off the head of its session and name the next one.
@@ -141,7 +143,8 @@ class JobStore:
     def create(self, spec: JobSpec) -> tuple[str, int]:
         """Store a new job.
 
-        :return: the job id and how many of its session's jobs run before it.
+        :return: the job id and its position: how many of its session's jobs run
+            before it, or for a job without a session, how many jobs wait in its queue.
         """
         job_id = uuid.uuid4().hex
         fields: dict[str, str] = {
@@ -157,9 +160,9 @@ class JobStore:
             fields["session"] = spec.session
         flat = [x for kv in fields.items() for x in kv]
         session_key = keys.session(spec.session) if spec.session else keys.job(job_id)
-        ahead = self._create(keys=[keys.job(job_id), session_key],
-                             args=[self.ttl_s, spec.session or "", *flat])
-        return job_id, int(ahead)
+        ahead, waiting = self._create(keys=[keys.job(job_id), session_key, spec.queue],
+                                      args=[self.ttl_s, spec.session or "", *flat])
+        return job_id, int(ahead if spec.session else waiting)
 
     def get(self, job_id: str) -> Job | None:
         """Read a job's record, or ``None`` when it does not exist or has expired."""
