@@ -12,13 +12,13 @@ from the caller's clock: it picks a counter, never a limit.
 
 from __future__ import annotations
 
-import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import redis
 
 from tasks import keys
+from tasks.limits import Limits, Rates
 
 USAGE_TTL_S = 90 * 86400
 
@@ -156,49 +156,6 @@ return {math.floor(tokens), math.floor(requests), math.ceil((tcap - tokens) / tr
 
 
 @dataclass(frozen=True)
-class Rates:
-    """The limits of one API key, as its tier sets them."""
-
-    tokens_per_minute: int
-    requests_per_minute: int
-    max_concurrent_jobs: int
-
-    def args(self) -> list[str]:
-        """Bucket capacities and per-second refill rates, as the scripts take them."""
-        return [str(self.tokens_per_minute), repr(self.tokens_per_minute / 60),
-                str(self.requests_per_minute), repr(self.requests_per_minute / 60)]
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Where a key stands: the figures of OpenAI's ``x-ratelimit-*`` headers."""
-
-    limit_tokens: int
-    remaining_tokens: int
-    reset_tokens_s: float
-    limit_requests: int
-    remaining_requests: int
-    reset_requests_s: float
-    limit_concurrent_jobs: int
-    active_jobs: int
-
-    def headers(self) -> dict[str, str]:
-        """The ``x-ratelimit-*`` response headers (durations as ``1s``, ``6m0s``, ``20ms``)."""
-        return {
-            "x-ratelimit-limit-requests": str(self.limit_requests),
-            "x-ratelimit-limit-tokens": str(self.limit_tokens),
-            "x-ratelimit-remaining-requests": str(max(0, self.remaining_requests)),
-            "x-ratelimit-remaining-tokens": str(max(0, self.remaining_tokens)),
-            "x-ratelimit-reset-requests": duration(self.reset_requests_s),
-            "x-ratelimit-reset-tokens": duration(self.reset_tokens_s),
-        }
-
-    def as_dict(self) -> dict[str, int | float]:
-        """The figures as a JSON object, for the ``limits`` field of ``queued`` frames."""
-        return asdict(self)
-
-
-@dataclass(frozen=True)
 class Reservation:
     """The outcome of :meth:`Budget.reserve`."""
 
@@ -230,7 +187,9 @@ class DayUsage:
     """One API key's usage on one UTC day."""
 
     day: str
+    #: Requests admitted.
     requests: int = 0
+    #: Requests refused by a rate or concurrency limit (not those refused for size or model).
     rejected: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -269,7 +228,7 @@ class Budget:
         :param tokens: the whole reservation: prompt tokens plus the output allowance.
         :param rates: the key's limits.
         :param prompt_tokens: the prompt's counted tokens (used when settle is not told).
-        :param slot_ttl_ms: how long the slot is held unless settled or :meth:`touch`\\ ed.
+        :param slot_ttl_ms: how long the slot is held unless settled or renewed by :meth:`touch`.
         :param reservation_ttl_s: how long the job may stay unsettled; should match its record.
         :return: whether it was admitted, else which limit refused and for how long.
         :raises DuplicateReservationError: ``job_id`` already holds a reservation.
@@ -349,22 +308,9 @@ class Budget:
         # The keys a script touches must be named before it runs, so the API
         # key is read first; the script re-checks that the reservation exists.
         value = self.redis.hget(keys.reservation(job_id), "key_id")
-        return value.decode() if value is not None else None
+        return value.decode() if isinstance(value, bytes) else value
 
 
 def today(at: float | None = None) -> str:
     """The UTC date ``YYYY-MM-DD`` of ``at`` (now when ``None``)."""
     return time.strftime("%Y-%m-%d", time.gmtime(at))
-
-
-def duration(seconds: float) -> str:
-    """Render a duration as OpenAI's rate-limit headers do: ``20ms``, ``1.5s``, ``6m0s``."""
-    ms = max(0, math.ceil(seconds * 1000))
-    if ms < 1000:
-        return f"{ms}ms"
-    minutes, ms = divmod(ms, 60_000)
-    hours, minutes = divmod(minutes, 60)
-    secs = f"{ms / 1000:.3f}".rstrip("0").rstrip(".") + "s"
-    if hours:
-        return f"{hours}h{minutes}m{secs}"
-    return f"{minutes}m{secs}" if minutes else secs

@@ -61,9 +61,10 @@ def _start_next(task: Task, job: Job) -> None:
 class Attempt:
     """One attempt at a job, holding its lease.
 
-    The provider stream is read in this greenlet and written to Redis by a
-    second one, so a slow Redis round trip never delays reading; text that
-    piles up while a write is in flight goes out as one event.
+    The provider stream is read in one greenlet and written to Redis by
+    another, so a slow Redis round trip never delays reading; text that piles
+    up while a write is in flight goes out as one event.  A cancel kills the
+    reader wherever it waits, which closes the provider's stream at once.
     """
 
     def __init__(self, rt: Any, job: Job, lease_token: str) -> None:
@@ -75,6 +76,10 @@ class Attempt:
         self.stop = Event()        # cancel seen, lease lost, or reading ended
         self.cancelled = False
         self.lease_lost = False
+        self.reader: gevent.Greenlet | None = None
+        self.finish: Finish | None = None
+        self.error: ProviderError | None = None
+        self.times: list[float] = []  # when each piece arrived
 
     def run(self) -> None:
         """Generate, then log ``done`` or ``error``."""
@@ -86,37 +91,23 @@ class Attempt:
         if self.job.cancel_requested:
             self._finish_cancelled()
             return
+        t_start = time.monotonic()
         heartbeat = gevent.spawn(self._heartbeat)
         writer = gevent.spawn(self._write_tokens)
+        self.reader = gevent.spawn(self._read)
+        self.rt.attempts[jid] = self
         metrics.IN_FLIGHT.inc()
-        t_start = time.monotonic()
-        times: list[float] = []  # when each piece arrived
-        finish: Finish | None = None
-        error: ProviderError | None = None
-        limit_s = self.rt.settings.job_timeout_s
         try:
-            spec = self.job.spec
-            too_long = ProviderError("timeout", f"the job ran longer than {limit_s} s")
-            with gevent.Timeout(limit_s, too_long), self.rt.provider.stream(
-                    spec.model, spec.messages, spec.max_tokens,
-                    temperature=spec.temperature, seed=spec.seed) as stream:
-                for piece in stream:
-                    if isinstance(piece, Finish):
-                        finish = piece
-                        break
-                    times.append(time.monotonic())
-                    self.pending.append(piece)
-                    self.wakeup.set()
-                    if self.stop.is_set():
-                        break
-        except ProviderError as e:
-            error = e
+            self.reader.join()
         finally:
             self.stop.set()
             self.wakeup.set()
+            self.reader.kill()
             writer.join()
             heartbeat.kill()
+            self.rt.attempts.pop(jid, None)
             metrics.IN_FLIGHT.dec()
+        finish, error, times = self.finish, self.error, self.times
         if self.lease_lost:
             log.warning("job %s: lease lost, another attempt owns it", jid)
             return
@@ -124,12 +115,12 @@ class Attempt:
         if self.cancelled:
             self._finish_cancelled()
             metrics.JOBS.labels("cancelled").inc()
-        elif error is not None:
+        elif error is not None or finish is None:
+            error = error or ProviderError("provider_stream_broken", "the stream ended early")
             self._emit("error", {"code": error.code, "message": error.message}, status="error")
             metrics.JOBS.labels("error").inc()
             metrics.PROVIDER_ERRORS.labels(deployment, error.code).inc()
         else:
-            assert finish is not None
             self._finish_done(finish, attempt, started_ms, t_start, times, deployment)
 
     def _finish_done(self, finish: Finish, attempt: int, started_ms: int, t_start: float,
@@ -168,6 +159,33 @@ class Attempt:
         if usage:
             metrics.TOKENS.labels("in").inc(usage.prompt_tokens)
 
+    def _read(self) -> None:
+        spec = self.job.spec
+        limit_s = self.rt.settings.job_timeout_s
+        too_long = ProviderError("timeout", f"the job ran longer than {limit_s} s")
+        try:
+            with gevent.Timeout(limit_s, too_long), self.rt.provider.stream(
+                    spec.model, spec.messages, spec.max_tokens,
+                    temperature=spec.temperature, seed=spec.seed) as stream:
+                for piece in stream:
+                    if isinstance(piece, Finish):
+                        self.finish = piece
+                        return
+                    self.times.append(time.monotonic())
+                    self.pending.append(piece)
+                    self.wakeup.set()
+        except ProviderError as e:
+            self.error = e
+
+    def halt(self, *, cancelled: bool = False, lease_lost: bool = False) -> None:
+        """Stop generating now: close the provider stream wherever the reader is waiting."""
+        self.cancelled = self.cancelled or cancelled
+        self.lease_lost = self.lease_lost or lease_lost
+        self.stop.set()
+        self.wakeup.set()
+        if self.reader is not None:
+            self.reader.kill(block=False)
+
     def _write_tokens(self) -> None:
         # Greenlets switch only on I/O, so checking ``pending`` then waiting
         # cannot miss a wake-up.
@@ -178,12 +196,10 @@ class Attempt:
                 try:
                     appended = self._emit("token", {"text": text})
                 except LeaseLostError:
-                    self.lease_lost = True
-                    self.stop.set()
+                    self.halt(lease_lost=True)
                     return
                 if appended.cancel_requested:
-                    self.cancelled = True
-                    self.stop.set()
+                    self.halt(cancelled=True)
                     return
             elif self.stop.is_set():
                 return
@@ -196,11 +212,9 @@ class Attempt:
         while not self.stop.is_set():
             gevent.sleep(ttl_s / 3)
             if not self.rt.jobs.take_lease(self.job.job_id, self.token, ttl_s * 1000):
-                self.lease_lost = True
-                self.stop.set()
+                self.halt(lease_lost=True)
             elif self.rt.jobs.cancel_requested(self.job.job_id):
-                self.cancelled = True
-                self.stop.set()
+                self.halt(cancelled=True)
 
     def _finish_cancelled(self) -> None:
         self._emit("error", {"code": "cancelled", "message": "the job was cancelled"},

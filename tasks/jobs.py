@@ -45,11 +45,13 @@ end
 return false
 """
 
-# Flag a job for cancellation if it exists.  KEYS[1] job hash.
+# Flag a job for cancellation if it exists, and tell the workers.
+# KEYS[1] job hash, KEYS[2] cancels channel. ARGV[1] job id.
 # Returns 1 if the job exists (flagged now or before), else 0.
 CANCEL = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 redis.call('HSET', KEYS[1], 'cancel', 1)
+redis.call('PUBLISH', KEYS[2], ARGV[1])
 return 1
 """
 
@@ -220,7 +222,7 @@ class JobStore:
 
     def request_cancel(self, job_id: str) -> bool:
         """Flag a job for cancellation; return whether the job exists."""
-        return bool(self._cancel(keys=[keys.job(job_id)]))
+        return bool(self._cancel(keys=[keys.job(job_id), keys.CANCELS], args=[job_id]))
 
     def take_lease(self, job_id: str, token: str, ttl_ms: int) -> bool:
         """Take or renew the generation lease; return whether ``token`` holds it."""

@@ -13,6 +13,7 @@ sluice:job:{id}:lease         string    token of the worker generating it (SET N
 sluice:job:{id}:wake          channel   one message per appended event
 sluice:session:{s}            list      job ids of a chat session, head = running
 sluice:running                zset      job id -> lease deadline (ms) of running jobs
+sluice:cancels                channel   ids of jobs whose cancel was just requested
 ============================  ========  ==============================================
 
 Admission control (API keys, token buckets, usage).  API keys live until
@@ -65,6 +66,9 @@ def session(name: str) -> str:
 #: Jobs being generated, scored by when their lease runs out; a job whose
 #: deadline passed lost its worker and is re-enqueued by the reaper.
 RUNNING = f"{PREFIX}running"
+
+#: Workers listen here to stop a cancelled generation at once, wherever it waits.
+CANCELS = f"{PREFIX}cancels"
 
 WAKE_PREFIX = f"{PREFIX}job:"
 WAKE_SUFFIX = ":wake"

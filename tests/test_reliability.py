@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -112,3 +113,30 @@ def test_jobs_without_session_run_together(slow_worker: Proc, slow_web: str,
     started = {f["job_id"] for f in c.frames if f["type"] == "token"}
     assert started == set(jobs), f"only {len(started)} jobs had started when {first_done['job_id']} ended"
     c.finish(set(jobs) - {first_done["job_id"]})
+
+
+def test_cancel_before_first_token_closes_the_provider_stream(
+        start_proc: Callable[..., Proc], slow_env: dict[str, str], slow_web: str,
+        connect: Callable[[str], Client]) -> None:
+    """A job waiting on a slow first token is cancelled at once, not after the token."""
+    _, sleepy = start_mock(start_proc, ttft_ms=3000, itl_ms=50, output_tokens=10)
+    # A long lease: the heartbeat's cancel check (every lease/3) must not be what stops it.
+    worker = start_worker(start_proc, {**slow_env, "OPENAI_BASE_URL": sleepy,
+                                       "SLUICE_LEASE_TTL_S": "10",
+                                       "SLUICE_WORKER_CONCURRENCY": "5"}, "sleepy")
+    try:
+        c = connect(slow_web)
+        c.send(type="generate", prompt="think long", max_tokens=10)
+        job_id = c.recv()["job_id"]
+        wait_for(lambda: mock_stats(sleepy)["streams_started"] >= 1, 10,
+                 "the worker to call the model")
+        t0 = time.monotonic()
+        c.send(type="cancel", job_id=job_id)
+        end = c.until(lambda f: f.get("type") in ("done", "error"))
+        assert end["type"] == "error" and end["code"] == "cancelled"
+        assert time.monotonic() - t0 < 1.0, "the cancel waited for the first token"
+        assert not [f for f in c.events()[job_id] if f["type"] == "token"]
+        wait_for(lambda: mock_stats(sleepy)["streams_aborted"] >= 1, 10,
+                 "the mock to see the stream closed")
+    finally:
+        worker.stop()

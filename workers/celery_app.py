@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from functools import cached_property
+from typing import Any
 
 import redis
 from celery import Celery
@@ -19,6 +20,8 @@ class Runtime:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        #: The attempts running in this process, by job id (for cancels).
+        self.attempts: dict[str, Any] = {}
 
     @cached_property
     def redis(self) -> redis.Redis:
@@ -89,8 +92,9 @@ def _start_housekeeping(sender: object, **_: object) -> None:
     import gevent
 
     from workers import metrics
-    from workers.reaper import reap_forever
+    from workers.reaper import listen_for_cancels, reap_forever
 
     app = sender.app  # type: ignore[attr-defined]
     metrics.serve(app.sluice.settings.metrics_port)
     gevent.spawn(reap_forever, app)
+    gevent.spawn(listen_for_cancels, app.sluice)

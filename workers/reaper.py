@@ -1,4 +1,6 @@
-"""Re-enqueues jobs whose worker died: their lease ran out without being released.
+"""Worker housekeeping: re-enqueue jobs whose worker died, and stop cancelled ones at once.
+
+A dead worker's jobs: their lease ran out without being released.
 
 Celery's Redis transport also redelivers unacked messages, but only after the
 visibility timeout, which must exceed the longest job.  The lease notices a
@@ -14,6 +16,7 @@ from typing import Any
 import gevent
 import redis
 
+from tasks import keys
 from tasks.jobs import FINAL
 from workers import metrics
 
@@ -45,3 +48,20 @@ def reap_once(app: Any) -> list[str]:
         log.warning("job %s lost its worker; re-enqueueing it on %r", job_id, queue)
         app.send_task("sluice.generate", args=[job_id], queue=queue)
     return orphans
+
+
+def listen_for_cancels(rt: Any) -> None:
+    """Halt this process's attempt of every job whose cancel is announced."""
+    while True:
+        pubsub = rt.redis.pubsub(ignore_subscribe_messages=True)
+        try:
+            pubsub.subscribe(keys.CANCELS)
+            for message in pubsub.listen():
+                attempt = rt.attempts.get(message["data"].decode())
+                if attempt is not None:
+                    attempt.halt(cancelled=True)
+        except redis.RedisError as e:
+            log.warning("cancel listener: %s", e)
+            gevent.sleep(1)
+        finally:
+            pubsub.close()
