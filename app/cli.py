@@ -96,7 +96,11 @@ def redis_cmd(dev_only: bool) -> None:
     url = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
     server = RedisServer(port=urlparse(url).port or 6379).start()
     click.echo(f"redis: embedded redis-server on {server.url}", err=False)
-    signal.signal(signal.SIGTERM, lambda *_: (server.stop(), sys.exit(0)))
+    def stop(*_: object) -> None:
+        server.stop()
+        sys.exit(0)
+
+    signal.signal(signal.SIGTERM, stop)
     try:
         sys.exit(server.wait())
     finally:

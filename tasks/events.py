@@ -101,7 +101,8 @@ class EventLog:
 
     def read(self, job_id: str, after: int = -1, count: int | None = None) -> list[tuple[int, str]]:
         """Return the events with ``seq > after`` as ``(seq, frame)`` pairs, in order."""
-        entries = self.redis.xrange(keys.log(job_id), f"0-{after + 2}", "+", count=count)
+        entries: list[tuple[bytes, dict[bytes, bytes]]] = self.redis.xrange(  # type: ignore[assignment]
+            keys.log(job_id), f"0-{after + 2}", "+", count=count)
         return [(entry_seq(eid), fields[b"f"].decode()) for eid, fields in entries]
 
     def exists(self, job_id: str) -> bool:

@@ -168,7 +168,7 @@ class JobStore:
 
     def get(self, job_id: str) -> Job | None:
         """Read a job's record, or ``None`` when it does not exist or has expired."""
-        raw = {k.decode(): v.decode() for k, v in self.redis.hgetall(keys.job(job_id)).items()}
+        raw = {_text(k): _text(v) for k, v in self.redis.hgetall(keys.job(job_id)).items()}
         if "model" not in raw:
             return None
         spec = JobSpec(
@@ -187,12 +187,12 @@ class JobStore:
     def queue_of(self, job_id: str) -> str | None:
         """The Celery queue a job runs on, or ``None`` when it does not exist."""
         value = self.redis.hget(keys.job(job_id), "queue")
-        return value.decode() if value is not None else None
+        return _text(value) if value is not None else None
 
     def status(self, job_id: str) -> str | None:
         """The job's status, or ``None`` when it does not exist."""
         value = self.redis.hget(keys.job(job_id), "status")
-        return value.decode() if value is not None else None
+        return _text(value) if value is not None else None
 
     def mark_running(self, job_id: str, now_ms: int) -> tuple[int, int]:
         """Record the start of an attempt.
@@ -245,3 +245,7 @@ class JobStore:
         """Pop a finished job off its session; return the next job to start, if any."""
         nxt = self._advance(keys=[keys.session(session)], args=[job_id])
         return nxt.decode() if nxt else None
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

@@ -73,9 +73,8 @@ class Provider:
         if seed is not None:
             options["seed"] = seed
         try:
-            stream = self.client.chat.completions.create(
-                model=model, messages=messages,  # type: ignore[arg-type]
-                max_tokens=max_tokens, stream=True,
+            stream = self.client.chat.completions.create(  # type: ignore[call-overload]
+                model=model, messages=messages, max_tokens=max_tokens, stream=True,
                 stream_options={"include_usage": True}, **options)
         except openai.APIStatusError as e:
             raise ProviderError(f"provider_{e.status_code}", _message(e)) from e
