@@ -22,9 +22,10 @@ import redis
 
 from app.apikeys import KeyInfo
 from app.tiers import Tier, load_tiers
-from tasks.budget import USAGE_TTL_S, Budget, DayUsage, Limits, Settlement
+from tasks.budget import USAGE_TTL_S, Budget, DayUsage, Settlement
 from tasks.config import Settings
 from tasks.jobs import JobSpec
+from tasks.limits import Limits
 from tasks.tokens import count_message_tokens
 
 FAIL_OPEN_ENV = "SLUICE_ADMISSION_FAIL_OPEN"
@@ -98,12 +99,13 @@ class Admission:
     """
 
     def __init__(self, client: redis.Redis, tiers: Mapping[str, Tier], *, job_ttl_s: int,
-                 slot_ttl_s: int, fail_open: bool = False,
+                 slot_ttl_s: float, fail_open: bool = False,
                  usage_ttl_s: int = USAGE_TTL_S) -> None:
         self.tiers = dict(tiers)
         self.budget = Budget(client, usage_ttl_s=usage_ttl_s)
         self.job_ttl_s = job_ttl_s
         self.slot_ttl_s = slot_ttl_s
+        self._slot_ttl_ms = max(1, round(slot_ttl_s * 1000))
         self.fail_open = fail_open
 
     @classmethod
@@ -173,7 +175,7 @@ class Admission:
         job_id = job_id or uuid.uuid4().hex
         try:
             res = self.budget.reserve(key.key_id, job_id, need, tier.rates,
-                                      prompt_tokens=prompt, slot_ttl_ms=self.slot_ttl_s * 1000,
+                                      prompt_tokens=prompt, slot_ttl_ms=self._slot_ttl_ms,
                                       reservation_ttl_s=self.job_ttl_s)
         except (redis.ConnectionError, redis.TimeoutError) as e:
             if self.fail_open:
@@ -198,7 +200,7 @@ class Admission:
 
     def touch(self, job_id: str) -> bool:
         """Renew a running job's concurrency slot; return whether it still holds one."""
-        return self.budget.touch(job_id, self.slot_ttl_s * 1000)
+        return self.budget.touch(job_id, self._slot_ttl_ms)
 
     def limits(self, key: KeyInfo) -> Limits:
         """The key's current figures, for ``x-ratelimit-*`` headers on any response."""

@@ -13,7 +13,9 @@ import hashlib
 import hmac
 import secrets
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import redis
 
@@ -149,11 +151,11 @@ class KeyStore:
         return info if info is not None and info.active else None
 
 
-def _text(value: bytes | str) -> str:
+def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-def _fields(raw: dict[bytes, bytes]) -> dict[str, str]:
+def _fields(raw: Mapping[Any, Any]) -> dict[str, str]:
     return {_text(k): _text(v) for k, v in raw.items()}
 
 

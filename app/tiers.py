@@ -26,7 +26,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from tasks.budget import Rates
+from tasks.limits import Rates
 
 ENV_VAR = "SLUICE_TIERS_FILE"
 ALL_MODELS = "*"

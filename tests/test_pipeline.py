@@ -111,3 +111,13 @@ def test_events_published_before_anyone_listens_are_delivered(
     ev = c2.finish({job_id})[job_id]
     assert [e["seq"] for e in ev] == list(range(len(ev)))
     assert text_of(ev) == expected_text("nobody listens", 5, MOCK_CONFIG)
+
+
+def test_provider_error_ends_the_job_with_its_code(web: str, connect: Callable[[str], Client]) -> None:
+    """A model the provider does not serve ends the job with error provider_404, in sequence."""
+    c = connect(web)
+    c.send(type="generate", prompt="hello", model="mock-2", max_tokens=3)
+    job_id = c.recv()["job_id"]
+    ev = c.finish({job_id})[job_id]
+    assert [e["type"] for e in ev] == ["error"]
+    assert ev[0]["seq"] == 0 and ev[0]["code"] == "provider_404"
