@@ -113,17 +113,20 @@ class Admission:
                       env: Mapping[str, str] | None = None) -> Admission:
         """Build the admission controller of a process from its settings and environment.
 
-        Reads ``SLUICE_TIERS_FILE`` (see :mod:`app.tiers`) and
-        ``SLUICE_ADMISSION_FAIL_OPEN``.  A reservation lives as long as the job
-        record; a concurrency slot is reclaimed ``2 * job_timeout_s`` after its
-        last admission or :meth:`touch` if the job never settles.
+        Uses ``settings.tiers_file`` (``SLUICE_TIERS_FILE``, see :mod:`app.tiers`) and
+        ``settings.admission_fail_open`` (``SLUICE_ADMISSION_FAIL_OPEN``).  A
+        reservation lives as long as the job record; a concurrency slot is
+        reclaimed ``2 * job_timeout_s`` after its last admission or :meth:`touch`
+        if the job never settles.
 
         :param client: the process's Redis client; a new one when ``None``.
         :raises app.tiers.TierConfigError: the tiers file is bad.
         """
         env = os.environ if env is None else env
-        fail_open = env.get(FAIL_OPEN_ENV, "0").lower() in ("1", "true", "yes", "on")
-        return cls(client or settings.redis_client(), load_tiers(env=env),
+        fail_open = settings.admission_fail_open or env.get(FAIL_OPEN_ENV, "0").lower() in (
+            "1", "true", "yes", "on")
+        return cls(client or settings.redis_client(),
+                   load_tiers(settings.tiers_file or None, env=env),
                    job_ttl_s=settings.job_timeout_s + settings.event_ttl_s,
                    slot_ttl_s=2 * settings.job_timeout_s, fail_open=fail_open)
 

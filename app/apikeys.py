@@ -77,26 +77,36 @@ class KeyStore:
     def __init__(self, client: redis.Redis) -> None:
         self.redis = client
 
-    def create(self, name: str, tier: str) -> tuple[str, KeyInfo]:
+    def create(self, name: str, tier: str, raw: str | None = None) -> tuple[str, KeyInfo]:
         """Make a new key; the caller must show it now, as only its hash is stored.
 
         :param name: who or what the key is for.
         :param tier: the tier whose limits the key gets.
+        :param raw: register this key instead of drawing one (``sluice run``'s demo
+            key); registering the same key again returns its existing record.
         :return: the raw key and its stored record.
-        :raises ValueError: an empty or overlong name or tier.
+        :raises ValueError: an empty or overlong name or tier, or a ``raw`` key whose
+            id is taken by another key.
         """
         for what, value in (("name", name), ("tier", tier)):
             if not value or len(value) > MAX_NAME_CHARS:
                 raise ValueError(f"key {what} must have 1..{MAX_NAME_CHARS} characters, "
                                  f"got {value!r}")
+        given = raw
+        if given is not None:
+            existing = self.verify(given)
+            if existing is not None:
+                return given, existing
         while True:
-            raw = KEY_PREFIX + secrets.token_urlsafe(32)
+            raw = given or KEY_PREFIX + secrets.token_urlsafe(32)
             digest = hash_key(raw)
             info = KeyInfo(digest[:KEY_ID_HEX], name, tier, int(time.time() * 1000))
             # 64-bit ids never collide in practice; if one does, draw again rather
             # than overwrite someone's key.
             if self.redis.hsetnx(keys.api_key(info.key_id), "hash", digest):
                 break
+            if given is not None:
+                raise ValueError(f"key id {info.key_id} is taken (or that key was revoked)")
         pipe = self.redis.pipeline()
         pipe.hset(keys.api_key(info.key_id), mapping={
             "name": name, "tier": tier, "created_ms": info.created_ms, "state": ACTIVE})

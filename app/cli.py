@@ -48,11 +48,18 @@ def run(port: int, concurrency: str) -> None:
     env.setdefault("SLUICE_DEV", "1")
     # The Procfile's commands live beside this interpreter (the venv's bin/).
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    if env["SLUICE_DEV"] == "1" and not env.get("SLUICE_DEMO_KEY"):
+        from app.apikeys import KEY_PREFIX
+
+        env["SLUICE_DEMO_KEY"] = KEY_PREFIX + secrets.token_urlsafe(32)
     if env["SLUICE_DEV"] == "1" and not env.get("SLUICE_FLOWER_PASSWORD"):
         env["SLUICE_FLOWER_USER"] = env.get("SLUICE_FLOWER_USER", "admin")
         env["SLUICE_FLOWER_PASSWORD"] = secrets.token_urlsafe(12)
     click.echo(f"sluice: WebSocket endpoint  ws://127.0.0.1:{port}/ws")
     click.echo(f"sluice: health              http://127.0.0.1:{port}/readyz")
+    if env.get("SLUICE_DEMO_KEY"):
+        click.echo(f"sluice: demo API key        {env['SLUICE_DEMO_KEY']}  (tier 'pro'; send it "
+                   "as 'Authorization: Bearer …' or in an 'auth' frame)")
     click.echo(f"sluice: Flower              http://127.0.0.1:{port + 200}/ "
                f"(user {env.get('SLUICE_FLOWER_USER', 'admin')!r}, "
                f"password {env.get('SLUICE_FLOWER_PASSWORD', '')!r})")

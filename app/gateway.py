@@ -7,6 +7,8 @@ import logging
 import redis
 from celery import Celery
 
+from app.admission import Admission
+from app.apikeys import KeyInfo, KeyStore, anonymous_key
 from app.relay import Relay
 from tasks.config import Settings
 from tasks.events import EventLog
@@ -26,14 +28,40 @@ class Gateway:
         self.events = EventLog(self.redis, settings.event_ttl_s)
         self.relay = Relay(self.redis)
         self.celery: Celery = create_celery(settings)
+        self.keys = KeyStore(self.redis)
+        self.admission = Admission.from_settings(settings, self.redis)
 
-    def submit(self, spec: JobSpec) -> tuple[str, int]:
-        """Store a job; the caller must then :meth:`enqueue` it when it may start.
+    def authenticate(self, raw_key: str | None) -> KeyInfo | None:
+        """The identity behind an API key, or ``None`` if it may not use the gateway.
 
-        :return: the job id and its position (session jobs ahead of it, or the queue depth).
+        No key means anonymous, when that is enabled.  ``sluice run``'s demo key
+        is registered on its first use.
+
+        :raises redis.RedisError: Redis cannot be reached.
+        """
+        if raw_key is None:
+            if self.settings.allow_anonymous:
+                return anonymous_key(self.settings.anonymous_tier)
+            return None
+        info = self.keys.verify(raw_key)
+        if info is None and raw_key == self.settings.demo_key:
+            try:
+                info = self.keys.create("demo", "pro", raw=raw_key)[1]
+            except ValueError:
+                return None  # the demo key was revoked
+        return info
+
+    def submit(self, spec: JobSpec, job_id: str) -> int:
+        """Store an admitted job; the caller must then :meth:`enqueue` it when it may start.
+
+        :return: its position (session jobs ahead of it, or the queue depth).
         """
         spec.queue = self.settings.queue
-        return self.jobs.create(spec)
+        try:
+            return self.jobs.create(spec, job_id)[1]
+        except redis.RedisError:
+            self._refund(job_id)
+            raise
 
     def enqueue(self, job_id: str) -> None:
         """Hand a stored job to the workers; on failure log an ``error`` event for it."""
@@ -44,6 +72,13 @@ class Gateway:
             self.events.append(job_id, "error", {"code": "unavailable",
                                                  "message": f"could not enqueue the job: {e}"},
                                status="error")
+            self._refund(job_id)
+
+    def _refund(self, job_id: str) -> None:
+        try:
+            self.admission.settle(job_id, 0, 0)
+        except redis.RedisError:
+            log.warning("could not refund job %s; its slot expires on its own", job_id)
 
     def ready(self) -> dict[str, str]:
         """Check Redis and the broker; return a problem per failing part."""

@@ -1,7 +1,8 @@
 """The WebSocket wire protocol: client frames, validated into requests.
 
-Client → server frames are JSON objects with a ``type``: ``generate``,
-``resume`` or ``cancel``.  Anything else gets a :class:`ProtocolError` whose
+Client → server frames are JSON objects with a ``type``: ``auth`` (browsers,
+which cannot set a header on a WebSocket, send their key in this first
+frame), ``generate``, ``resume`` or ``cancel``.  Anything else gets a :class:`ProtocolError` whose
 ``code`` is stable and whose message names the bad value.
 """
 
@@ -36,11 +37,21 @@ class ProtocolError(Exception):
 
 
 @dataclass(frozen=True)
+class Auth:
+    """Authenticate the socket with an API key."""
+
+    ref: Any
+    key: str
+
+
+@dataclass(frozen=True)
 class Generate:
     """Start a job."""
 
     ref: Any
     spec: JobSpec
+    #: Whether the client set max_tokens (else the tier's default allowance applies).
+    max_tokens_given: bool = True
 
 
 @dataclass(frozen=True)
@@ -60,7 +71,7 @@ class Cancel:
     job_id: str
 
 
-Request = Generate | Resume | Cancel
+Request = Auth | Generate | Resume | Cancel
 
 
 def parse(text: str | bytes, settings: Settings) -> Request:
@@ -84,7 +95,12 @@ def parse(text: str | bytes, settings: Settings) -> Request:
     kind = frame.get("type")
     try:
         if kind == "generate":
-            return Generate(ref, _spec(frame, settings))
+            return Generate(ref, _spec(frame, settings), "max_tokens" in frame)
+        if kind == "auth":
+            key = frame.get("key")
+            if not isinstance(key, str) or not key:
+                raise ProtocolError("bad_field", "'key' must be a non-empty string")
+            return Auth(ref, key)
         if kind == "resume":
             return Resume(ref, _job_id(frame), _int(frame, "after", -1, -1, 2**53))
         if kind == "cancel":
@@ -92,8 +108,8 @@ def parse(text: str | bytes, settings: Settings) -> Request:
     except ProtocolError as e:
         e.ref = ref
         raise
-    raise ProtocolError("unknown_type", f"unknown frame type {kind!r}; expected "
-                        "'generate', 'resume' or 'cancel'", ref)
+    raise ProtocolError("unknown_type", f"unknown frame type {kind!r:.40}; expected "
+                        "'auth', 'generate', 'resume' or 'cancel'", ref)
 
 
 def _spec(frame: dict[str, Any], settings: Settings) -> JobSpec:

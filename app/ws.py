@@ -9,20 +9,51 @@ from typing import Any
 
 import gevent
 import redis
-from flask import Blueprint, current_app
+from flask import Blueprint, current_app, g, jsonify, request
+from flask.typing import ResponseReturnValue
 from flask_sock import Sock
 from gevent.queue import Full, Queue
 from simple_websocket import ConnectionClosed
 
 from app import metrics
+from app.admission import AdmissionRejectedError
+from app.apikeys import KeyInfo
 from app.gateway import Gateway
-from app.protocol import Cancel, Generate, ProtocolError, Resume, parse
+from app.protocol import Auth, Cancel, Generate, ProtocolError, Resume, parse
 from tasks.events import TERMINAL, frame_kind
 
 log = logging.getLogger(__name__)
 sock = Sock()
 bp = Blueprint("ws", __name__)
 OUTBOX_FRAMES = 10_000
+UNAUTHORIZED = 4401
+
+
+def bearer_token() -> str | None:
+    """The key of an ``Authorization: Bearer`` header, if any."""
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+@bp.before_request
+def authenticate_handshake() -> ResponseReturnValue | None:
+    """Refuse a bad ``Authorization`` header with HTTP 401 before the upgrade.
+
+    A handshake without one is accepted; its first frame must then be ``auth``
+    (browsers cannot set headers on a WebSocket), unless anonymous use is on.
+    """
+    gw: Gateway = current_app.extensions["sluice"]
+    token = bearer_token()
+    try:
+        g.sluice_key = gw.authenticate(token)
+    except redis.RedisError:
+        return jsonify(error={"code": "unavailable", "message": "cannot reach Redis"}), 503
+    if token is not None and g.sluice_key is None:
+        metrics.REQUESTS_REJECTED.labels("unauthorized").inc()
+        return jsonify(error={"code": "unauthorized",
+                              "message": "invalid or revoked API key"}), 401
+    return None
 
 
 class Connection:
@@ -34,15 +65,19 @@ class Connection:
     Redis, not in this process.
     """
 
-    def __init__(self, ws: Any, gateway: Gateway) -> None:
+    def __init__(self, ws: Any, gateway: Gateway, key: KeyInfo | None) -> None:
         self.ws = ws
         self.gw = gateway
+        #: Who the socket acts for; ``None`` until an ``auth`` frame succeeds.
+        self.key = key
         self.outbox: Queue[tuple[str, str, int, str]] = Queue(OUTBOX_FRAMES)
         #: job id -> the next seq this client should receive
         self.following: dict[str, int] = {}
         self.lagging: set[str] = set()
         #: jobs this socket submitted and has not yet sent a token of -> accepted at
         self.accepted_at: dict[str, float] = {}
+        #: set when the socket must close, with (code, reason)
+        self.closing: tuple[int, str] | None = None
 
     def serve(self) -> None:
         """Run the socket until the client goes away."""
@@ -53,10 +88,13 @@ class Connection:
                 text = self.ws.receive()
                 if text is None:
                     break
-                self._handle(text)
+                if not self._handle(text):
+                    break
         except ConnectionClosed:
             pass
         finally:
+            if self.closing:
+                self._close(*self.closing, writer)
             writer.kill()
             metrics.OPEN_SOCKETS.dec()
             metrics.FOLLOWED_JOBS.dec(len(self.following))
@@ -66,13 +104,19 @@ class Connection:
                     self.gw.jobs.request_cancel(job_id)
 
     # -- requests ---------------------------------------------------------
-    def _handle(self, text: str | bytes) -> None:
+    def _handle(self, text: str | bytes) -> bool:
+        """Serve one frame; return False when the socket must close."""
         try:
             req = parse(text, self.gw.settings)
         except ProtocolError as e:
             self._reject(e)
-            return
+            return True
         try:
+            if isinstance(req, Auth):
+                return self._auth(req)
+            if self.key is None:
+                return self._unauthorized(req.ref, "send an 'auth' frame with your API key "
+                                          "first, or an Authorization header on the handshake")
             if isinstance(req, Generate):
                 self._generate(req)
             elif isinstance(req, Resume):
@@ -82,10 +126,28 @@ class Connection:
         except ProtocolError as e:
             e.ref = req.ref
             self._reject(e)
+        except AdmissionRejectedError as e:
+            metrics.REQUESTS_REJECTED.labels(e.code).inc()
+            self._send_now(e.frame(req.ref))
         except redis.RedisError as e:
             log.warning("request failed: Redis unavailable: %s", e)
             self._reject(ProtocolError("unavailable", "the gateway cannot reach Redis; "
                                        "retry shortly", req.ref))
+        return True
+
+    def _auth(self, req: Auth) -> bool:
+        key = self.gw.authenticate(req.key)
+        if key is None:
+            return self._unauthorized(req.ref, "invalid or revoked API key")
+        self.key = key
+        self._send_now(json.dumps({"type": "authenticated", "ref": req.ref,
+                                   "key_id": key.key_id, "tier": key.tier}))
+        return True
+
+    def _unauthorized(self, ref: Any, message: str) -> bool:
+        self._reject(ProtocolError("unauthorized", message, ref))
+        self.closing = (UNAUTHORIZED, "unauthorized")
+        return False
 
     def _reject(self, error: ProtocolError) -> None:
         metrics.REQUESTS_REJECTED.labels(error.code).inc()
@@ -93,25 +155,40 @@ class Connection:
 
     def _generate(self, req: Generate) -> None:
         accepted = time.monotonic()
-        job_id, position = self.gw.submit(req.spec)
+        assert self.key is not None
+        # Admission comes before anything is stored or enqueued: a refused
+        # request costs no worker time.
+        admitted = self.gw.admission.admit(self.key, req.spec,
+                                           max_tokens_given=req.max_tokens_given)
+        req.spec.max_tokens = admitted.max_tokens
+        req.spec.owner = admitted.key_id
+        job_id = admitted.job_id
+        position = self.gw.submit(req.spec, job_id)
         self.accepted_at[job_id] = accepted
+        queued: dict[str, Any] = {"type": "queued", "ref": req.ref, "job_id": job_id,
+                                  "position": position}
+        if admitted.limits is not None:
+            queued["limits"] = admitted.limits.as_dict()
         # ``queued`` goes into the outbox before the job can produce anything.
-        self._send_now(json.dumps({"type": "queued", "ref": req.ref, "job_id": job_id,
-                                   "position": position}))
+        self._send_now(json.dumps(queued))
         self._follow(job_id, 0)
         if not req.spec.session or position == 0:
             self.gw.enqueue(job_id)
 
     def _resume(self, req: Resume) -> None:
-        if self.gw.jobs.status(req.job_id) is None:
-            raise ProtocolError("unknown_job", f"no job {req.job_id!r}: it never existed or "
-                                "its log has expired")
+        self._check_owner(req.job_id)
         self._follow(req.job_id, req.after + 1)
 
     def _cancel(self, req: Cancel) -> None:
-        if not self.gw.jobs.request_cancel(req.job_id):
-            raise ProtocolError("unknown_job", f"no job {req.job_id!r}: it never existed or "
-                                "its log has expired")
+        self._check_owner(req.job_id)
+        self.gw.jobs.request_cancel(req.job_id)
+
+    def _check_owner(self, job_id: str) -> None:
+        # Another key's job is answered like a missing one: ids do not leak.
+        assert self.key is not None
+        if self.gw.jobs.owner_of(job_id) != self.key.key_id:
+            raise ProtocolError("unknown_job", f"no job {job_id!r}: it never existed, its "
+                                "log has expired, or it belongs to another key")
 
     def _follow(self, job_id: str, next_seq: int) -> None:
         if job_id in self.following:
@@ -121,6 +198,15 @@ class Connection:
         self.following[job_id] = next_seq
         metrics.FOLLOWED_JOBS.inc()
         self.gw.relay.follow(job_id, self)
+
+    def _close(self, code: int, reason: str, writer: gevent.Greenlet) -> None:
+        # Let the writer flush the error frame first; then close with ``code``.
+        self.outbox.put(("close", "", 0, ""))
+        writer.join(timeout=5)
+        try:
+            self.ws.close(reason=code, message=reason)
+        except ConnectionClosed:
+            pass
 
     # -- relay callbacks (reader greenlet; must not block) -----------------
     def on_event(self, job_id: str, seq: int, frame: str) -> None:
@@ -151,6 +237,8 @@ class Connection:
                     self.lagging.clear()
                 what, job_id, seq, frame = self.outbox.get()
                 try:
+                    if what == "close":
+                        return
                     if what == "frame":
                         self.ws.send(frame)
                     elif what == "catchup":
@@ -197,4 +285,4 @@ class Connection:
 @sock.route("/ws", bp=bp)
 def websocket(ws: Any) -> None:
     """Serve one client socket (see the wire protocol in README.rst)."""
-    Connection(ws, current_app.extensions["sluice"]).serve()
+    Connection(ws, current_app.extensions["sluice"], g.sluice_key).serve()

@@ -45,6 +45,15 @@ class Settings:
     provider_max_retries: int = 2
     #: Celery queue for generation jobs.
     queue: str = "sluice"
+    #: TOML file of rate-limit tiers; built-in tiers when empty (see app/tiers.py).
+    tiers_file: str = ""
+    #: Admit requests without limits when Redis cannot be reached (default: refuse).
+    admission_fail_open: bool = False
+    #: Serve clients without an API key, on ``anonymous_tier`` (local demos only).
+    allow_anonymous: bool = False
+    anonymous_tier: str = "free"
+    #: A raw API key to register at start-up (``sluice run`` sets one for the demo).
+    demo_key: str = ""
     #: Port of a worker process's Prometheus endpoint; 0 serves none.
     metrics_port: int = 0
     #: Redis connections per process; greenlets beyond it wait for a free one.

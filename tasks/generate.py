@@ -9,6 +9,7 @@ from itertools import pairwise
 from typing import Any
 
 import gevent
+import redis
 from celery import Task, shared_task
 from gevent.event import Event
 
@@ -90,6 +91,7 @@ class Attempt:
             self._emit("restart", {"attempt": attempt})
         if self.job.cancel_requested:
             self._finish_cancelled()
+            self._settle(0, 0)
             return
         t_start = time.monotonic()
         heartbeat = gevent.spawn(self._heartbeat)
@@ -112,14 +114,22 @@ class Attempt:
             log.warning("job %s: lease lost, another attempt owns it", jid)
             return
         deployment = self.rt.provider.name
-        if self.cancelled:
-            self._finish_cancelled()
-            metrics.JOBS.labels("cancelled").inc()
-        elif error is not None or finish is None:
-            error = error or ProviderError("provider_stream_broken", "the stream ended early")
-            self._emit("error", {"code": error.code, "message": error.message}, status="error")
-            metrics.JOBS.labels("error").inc()
-            metrics.PROVIDER_ERRORS.labels(deployment, error.code).inc()
+        if self.cancelled or error is not None or finish is None:
+            if self.cancelled:
+                self._finish_cancelled()
+                metrics.JOBS.labels("cancelled").inc()
+            else:
+                error = error or ProviderError("provider_stream_broken", "the stream ended early")
+                self._emit("error", {"code": error.code, "message": error.message},
+                           status="error")
+                metrics.JOBS.labels("error").inc()
+                metrics.PROVIDER_ERRORS.labels(deployment, error.code).inc()
+            # Once the provider streamed, it billed the prompt (the admission
+            # count stands in for it); before that, everything is refunded.
+            if times:
+                self._settle(None, len(times))
+            else:
+                self._settle(0, 0)
         else:
             self._finish_done(finish, attempt, started_ms, t_start, times, deployment)
 
@@ -148,6 +158,7 @@ class Attempt:
                       "completion_tokens": n},
             "metrics": m,
         }, status="done")
+        self._settle(usage.prompt_tokens if usage else None, n)
         metrics.JOBS.labels("done").inc()
         metrics.QUEUE_WAIT.observe(queue_wait_ms / 1000)
         metrics.E2E.observe(m["e2e_ms"] / 1000)
@@ -215,6 +226,14 @@ class Attempt:
                 self.halt(lease_lost=True)
             elif self.rt.jobs.cancel_requested(self.job.job_id):
                 self.halt(cancelled=True)
+
+    def _settle(self, prompt_tokens: int | None, completion_tokens: int) -> None:
+        # After the final event: a worker dying in between leaves the slot to
+        # expire and the reservation unrefunded (the safe side).
+        try:
+            self.rt.budget.settle(self.job.job_id, prompt_tokens, completion_tokens)
+        except redis.RedisError as e:
+            log.warning("job %s: could not settle its budget: %s", self.job.job_id, e)
 
     def _finish_cancelled(self) -> None:
         self._emit("error", {"code": "cancelled", "message": "the job was cancelled"},

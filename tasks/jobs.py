@@ -142,13 +142,13 @@ class JobStore:
         self._cancel = client.register_script(CANCEL)
         self._claim = client.register_script(CLAIM_ORPHANS)
 
-    def create(self, spec: JobSpec) -> tuple[str, int]:
-        """Store a new job.
+    def create(self, spec: JobSpec, job_id: str | None = None) -> tuple[str, int]:
+        """Store a new job, under ``job_id`` when given (admission chose it).
 
         :return: the job id and its position: how many of its session's jobs run
             before it, or for a job without a session, how many jobs wait in its queue.
         """
-        job_id = uuid.uuid4().hex
+        job_id = job_id or uuid.uuid4().hex
         fields: dict[str, str] = {
             "model": spec.model, "messages": json.dumps(spec.messages),
             "max_tokens": str(spec.max_tokens), "owner": spec.owner, "queue": spec.queue,
@@ -183,6 +183,11 @@ class JobStore:
                    started_ms=int(raw["started_ms"]) if "started_ms" in raw else None,
                    seq=int(raw.get("seq", 0)), attempts=int(raw.get("attempts", 0)),
                    cancel_requested="cancel" in raw)
+
+    def owner_of(self, job_id: str) -> str | None:
+        """The key id that owns a job, or ``None`` when it does not exist."""
+        value = self.redis.hget(keys.job(job_id), "owner")
+        return _text(value) if value is not None else None
 
     def queue_of(self, job_id: str) -> str | None:
         """The Celery queue a job runs on, or ``None`` when it does not exist."""

@@ -17,6 +17,7 @@ import pytest
 import redis
 import websocket
 
+from app.apikeys import KeyStore
 from workers.redis_server import RedisServer, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,7 +43,7 @@ class Proc:
     def __init__(self, name: str, argv: list[str], env: dict[str, str], log_dir: Path) -> None:
         self.name = name
         self.log_path = log_dir / f"{name}-{time.monotonic_ns()}.log"
-        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self._log = open(self.log_path, "wb")
         self.popen = subprocess.Popen(argv, env={**os.environ, **env}, cwd=ROOT,
                                       stdout=self._log, stderr=subprocess.STDOUT,
                                       start_new_session=True)
@@ -191,8 +192,9 @@ def web2(start_proc: Callable[..., Proc], sluice_env: dict[str, str], worker: Pr
 class Client:
     """A real WebSocket client speaking Sluice's protocol."""
 
-    def __init__(self, url: str, timeout_s: float = 20.0) -> None:
-        self.ws = websocket.create_connection(url, timeout=timeout_s)
+    def __init__(self, url: str, key: str | None = None, timeout_s: float = 20.0) -> None:
+        header = [f"Authorization: Bearer {key}"] if key else []
+        self.ws = websocket.create_connection(url, timeout=timeout_s, header=header)
         self.frames: list[dict[str, Any]] = []
 
     def send(self, **frame: Any) -> None:
@@ -235,13 +237,20 @@ class Client:
         self.ws.shutdown()
 
 
+@pytest.fixture(scope="session")
+def api_key(redis_server: RedisServer) -> str:
+    """A key of the 'unlimited' tier, so that limits never get in the pipeline tests' way."""
+    with redis.Redis.from_url(redis_server.url) as client:
+        return KeyStore(client).create("tests", "unlimited")[0]
+
+
 @pytest.fixture
-def connect() -> Iterator[Callable[[str], Client]]:
-    """Open clients that are closed after the test."""
+def connect(api_key: str) -> Iterator[Callable[..., Client]]:
+    """Open clients (authenticated with ``api_key`` unless told) that are closed after the test."""
     clients: list[Client] = []
 
-    def open_client(url: str) -> Client:
-        client = Client(url)
+    def open_client(url: str, key: str | None = api_key) -> Client:
+        client = Client(url, key)
         clients.append(client)
         return client
 

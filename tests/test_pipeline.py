@@ -58,12 +58,12 @@ def test_ten_jobs_back_to_back_are_all_acknowledged_first(web: str, connect: Cal
         assert text_of(ev) == expected_text(p, 6, MOCK_CONFIG)
 
 
-def test_two_hundred_sockets_against_one_worker(web: str, worker: Proc) -> None:
+def test_two_hundred_sockets_against_one_worker(web: str, worker: Proc, api_key: str) -> None:
     """200 sockets with one job each, one worker process: all complete, no gaps, no duplicates."""
     barrier = threading.Barrier(200)
 
     def one(i: int) -> tuple[str, list[dict[str, Any]]]:
-        c = Client(web, timeout_s=60)
+        c = Client(web, api_key, timeout_s=60)
         try:
             barrier.wait()
             prompt = f"socket {i}"

@@ -31,14 +31,16 @@ def test_sluice_run_serves_a_job_with_embedded_redis_and_mock(tmp_path: Path) ->
     port = free_port()
     env = {k: v for k, v in os.environ.items()
            if k not in ("REDIS_URL", "OPENAI_BASE_URL") and not k.startswith("SLUICE_")}
-    log = open(tmp_path / "run.log", "wb")  # noqa: SIM115 - closed below
+    log = open(tmp_path / "run.log", "wb")
     proc = subprocess.Popen([str(BIN / "sluice"), "run", "--port", str(port)], env=env,
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        wait_for(lambda: proc.poll() is None and _ready(port) or proc.poll() is not None, 60,
+        wait_for(lambda: (proc.poll() is None and _ready(port)) or proc.poll() is not None, 60,
                  "sluice run to become ready")
         assert proc.poll() is None, (tmp_path / "run.log").read_text()
-        c = Client(f"ws://127.0.0.1:{port}/ws")
+        printed = (tmp_path / "run.log").read_text()
+        demo_key = printed.split("demo API key", 1)[1].split()[0]
+        c = Client(f"ws://127.0.0.1:{port}/ws", demo_key)
         try:
             c.send(type="generate", prompt="hello", max_tokens=3)
             job_id = c.recv()["job_id"]

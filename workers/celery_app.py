@@ -9,6 +9,7 @@ import redis
 from celery import Celery
 from celery.signals import worker_ready
 
+from tasks.budget import Budget
 from tasks.config import Settings
 from tasks.events import EventLog
 from tasks.jobs import JobStore
@@ -37,6 +38,11 @@ class Runtime:
     def jobs(self) -> JobStore:
         """The job store."""
         return JobStore(self.redis, job_ttl_s(self.settings))
+
+    @cached_property
+    def budget(self) -> Budget:
+        """The token budgets, settled when a job ends."""
+        return Budget(self.redis)
 
     @cached_property
     def provider(self) -> Provider:
