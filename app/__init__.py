@@ -19,7 +19,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
 
         gunicorn -k gevent 'app:create_app()'
     """
-    from app import health, metrics, ws
+    from app import health, metrics, usage, ws
     from app.gateway import Gateway
 
     settings = Settings.from_env(**(test_config or {}))
@@ -32,4 +32,5 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     app.register_blueprint(ws.bp)
     app.register_blueprint(health.bp)
     app.register_blueprint(metrics.bp)
+    app.register_blueprint(usage.bp)
     return app

@@ -11,6 +11,7 @@ from urllib.parse import urlparse
 
 import click
 
+from app.cli_keys import keys, usage
 from workers.redis_server import RedisServer, answers, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -19,6 +20,10 @@ ROOT = Path(__file__).resolve().parent.parent
 @click.group()
 def main() -> None:
     """Sluice: a horizontally scaled LLM streaming gateway."""
+
+
+main.add_command(keys)
+main.add_command(usage)
 
 
 @main.command()

@@ -128,10 +128,38 @@ def mock(start_proc: Callable[..., Proc]) -> str:
     return start_mock(start_proc)[1]
 
 
+TIERS_TOML = """
+[tiers.tiny]
+tokens_per_minute = 600
+requests_per_minute = 1000
+max_concurrent_jobs = 1
+max_prompt_tokens = 100
+max_output_tokens = 64
+default_output_tokens = 16
+models = ["mock-1"]
+
+[tiers.thin]
+tokens_per_minute = 600
+max_concurrent_jobs = 50
+max_prompt_tokens = 100
+max_output_tokens = 64
+default_output_tokens = 16
+"""
+
+
 @pytest.fixture(scope="session")
-def sluice_env(redis_server: RedisServer, mock: str) -> dict[str, str]:
+def tiers_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiers file adding 'tiny' (600 tokens/min, one job at a time) and 'thin' (600 tokens/min)."""
+    path = tmp_path_factory.mktemp("config") / "tiers.toml"
+    path.write_text(TIERS_TOML)
+    return path
+
+
+@pytest.fixture(scope="session")
+def sluice_env(redis_server: RedisServer, mock: str, tiers_file: Path) -> dict[str, str]:
     """Environment shared by the session's workers and front ends."""
     return {
+        "SLUICE_TIERS_FILE": str(tiers_file),
         "REDIS_URL": redis_server.url,
         "OPENAI_BASE_URL": mock,
         "OPENAI_API_KEY": "sk-test",

@@ -10,7 +10,9 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+import redis
 
+from app.apikeys import KeyStore
 from tests.conftest import Client, Proc, start_mock, start_web, start_worker, text_of, wait_for
 from workers.mockllm import MockConfig, expected_text
 
@@ -49,10 +51,12 @@ def mock_stats(base_url: str) -> dict[str, Any]:
 
 def test_killed_worker_job_finishes_on_another(start_proc: Callable[..., Proc],
                                                slow_env: dict[str, str], slow_web: str,
-                                               connect: Callable[[str], Client]) -> None:
-    """kill -9 the worker mid-stream, start another: restart, then the whole text, seq contiguous."""
+                                               r: redis.Redis,
+                                               connect: Callable[..., Client]) -> None:
+    """kill -9 the worker mid-stream, start another: restart, the whole text, seq contiguous, slot freed."""
     first = start_worker(start_proc, {**slow_env, "SLUICE_WORKER_CONCURRENCY": "20"}, "doomed")
-    c = connect(slow_web)
+    # A one-job-at-a-time key: its slot must come back after the crash.
+    c = connect(slow_web, key=KeyStore(r).create("crash", "tiny")[0])
     c.send(type="generate", prompt="survive a crash", max_tokens=30)
     job_id = c.recv()["job_id"]
     for _ in range(5):
@@ -69,6 +73,11 @@ def test_killed_worker_job_finishes_on_another(start_proc: Callable[..., Proc],
     assert "restart" in kinds and kinds[-1] == "done"
     assert text_of(ev) == expected_text("survive a crash", 30, SLOW_CONFIG), json.dumps(ev)
     assert ev[-1]["metrics"]["attempts"] == 2
+
+    def admitted_again() -> bool:
+        c.send(type="generate", ref="next", prompt="after the crash", max_tokens=1)
+        return c.until(lambda f: f.get("ref") == "next")["type"] == "queued"
+    wait_for(admitted_again, 5, "the concurrency slot to be released")
 
 
 def test_cancel_stops_generation_promptly(slow_worker: Proc, slow_web: str, slow_mock: str,
