@@ -8,6 +8,8 @@ from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 PREFIX = "SLUICE_"
 
@@ -71,9 +73,11 @@ class Settings:
 
     def redis_client(self) -> redis.Redis:
         """A Redis client whose pool makes greenlets wait for a connection rather than fail."""
+        # A short retry: a blip is ridden out, an outage answers 'unavailable' fast.
         pool = redis.BlockingConnectionPool.from_url(
             self.redis_url, max_connections=self.redis_max_connections, timeout=30,
-            health_check_interval=30)
+            health_check_interval=30, socket_connect_timeout=5,
+            retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 2))
         return redis.Redis(connection_pool=pool)
 
     @classmethod

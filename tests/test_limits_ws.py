@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -201,3 +202,27 @@ def test_light_user_not_blocked_while_heavy_user_is(web: str, r: redis.Redis,
         assert f["type"] == "queued", f
         jobs.add(f["job_id"])
     light.finish(jobs)
+
+
+def test_redis_down_fails_closed_with_unavailable(start_proc: Callable[..., Any],
+                                                  sluice_env: dict[str, str]) -> None:
+    """With Redis unreachable, readiness says so and requests get 'unavailable', fast."""
+    from tests.conftest import start_web
+    from workers.redis_server import free_port
+
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    web = start_web(start_proc, {**sluice_env, "REDIS_URL": dead, "SLUICE_ALLOW_ANONYMOUS": "1"})
+    status, _, body = _http(web.replace("ws://", "http://").replace("/ws", "/readyz"), None)
+    assert status == 503 and "redis" in body["problems"]
+    with pytest.raises(websocket.WebSocketBadStatusException) as e:
+        websocket.create_connection(web, timeout=10, header=["Authorization: Bearer sk-sluice-x"])
+    assert e.value.status_code == 503
+    c = Client(web)  # anonymous: the handshake needs no Redis
+    try:
+        t0 = time.monotonic()
+        c.send(type="generate", ref="r", prompt="hello")
+        err = c.recv()
+        assert err["code"] == "unavailable" and err["ref"] == "r"
+        assert time.monotonic() - t0 < 3
+    finally:
+        c.close()
