@@ -244,7 +244,8 @@ class Client:
 
     def finish(self, job_ids: set[str]) -> dict[str, list[dict[str, Any]]]:
         """Receive until every job in ``job_ids`` has ended; return each job's events."""
-        open_jobs = set(job_ids)
+        ended = {f.get("job_id") for f in self.frames if f.get("type") in ("done", "error")}
+        open_jobs = set(job_ids) - ended
         while open_jobs:
             frame = self.recv()
             if frame.get("type") in ("done", "error") and frame.get("job_id") in open_jobs:
