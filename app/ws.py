@@ -100,8 +100,15 @@ class Connection:
             metrics.FOLLOWED_JOBS.dec(len(self.following))
             for job_id in list(self.following):
                 self.gw.relay.unfollow(job_id, self)
-                if self.gw.settings.cancel_on_disconnect:
-                    self.gw.jobs.request_cancel(job_id)
+            if self.gw.settings.cancel_on_disconnect:
+                self._cancel_unfinished()
+
+    def _cancel_unfinished(self) -> None:
+        try:
+            for job_id in self.following:
+                self.gw.jobs.request_cancel(job_id)
+        except redis.RedisError as e:
+            log.warning("could not cancel the jobs of a closed socket: %s", e)
 
     # -- requests ---------------------------------------------------------
     def _handle(self, text: str | bytes) -> bool:
@@ -164,6 +171,7 @@ class Connection:
         req.spec.owner = admitted.key_id
         job_id = admitted.job_id
         position = self.gw.submit(req.spec, job_id)
+        metrics.JOBS_SUBMITTED.inc()
         self.accepted_at[job_id] = accepted
         queued: dict[str, Any] = {"type": "queued", "ref": req.ref, "job_id": job_id,
                                   "position": position}

@@ -13,6 +13,7 @@ import pytest
 import redis
 
 from app.apikeys import KeyStore
+from tasks import keys
 from tests.conftest import Client, Proc, start_mock, start_web, start_worker, text_of, wait_for
 from workers.mockllm import MockConfig, expected_text
 
@@ -149,3 +150,21 @@ def test_cancel_before_first_token_closes_the_provider_stream(
                  "the mock to see the stream closed")
     finally:
         worker.stop()
+
+
+def test_disconnect_cancels_only_when_configured(start_proc: Callable[..., Proc],
+                                                 slow_env: dict[str, str], slow_web: str,
+                                                 slow_worker: Proc, r: redis.Redis,
+                                                 connect: Callable[..., Client]) -> None:
+    """By default a dropped socket's job runs on; with SLUICE_CANCEL_ON_DISCONNECT=1 it is cancelled."""
+    cancelling_web = start_web(start_proc, {**slow_env, "SLUICE_CANCEL_ON_DISCONNECT": "1"})
+    job_ids = {}
+    for name, url in (("default", slow_web), ("cancelling", cancelling_web)):
+        c = connect(url)
+        c.send(type="generate", prompt=f"drop me {name}", max_tokens=20)
+        job_ids[name] = c.recv()["job_id"]
+        c.until(lambda f: f.get("type") == "token")
+        c.close()
+    status = lambda j: (r.hget(keys.job(j), "status") or b"").decode()  # noqa: E731
+    wait_for(lambda: status(job_ids["cancelling"]) == "cancelled", 10, "the cancel")
+    wait_for(lambda: status(job_ids["default"]) == "done", 10, "the uncancelled job to finish")
