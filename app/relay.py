@@ -63,7 +63,14 @@ class Relay:
         if first:
             self.unconfirmed[job_id] += 1
             assert self.pubsub is not None
-            self.pubsub.subscribe(channel)
+            try:
+                self.pubsub.subscribe(channel)
+            except redis.RedisError:
+                self.unconfirmed[job_id] -= 1
+                self.followers[job_id].discard(follower)
+                if not self.followers[job_id]:
+                    del self.followers[job_id]
+                raise
         elif not self.unconfirmed.get(job_id):
             follower.on_catchup(job_id)
 
@@ -76,7 +83,11 @@ class Relay:
         if not followers:
             del self.followers[job_id]
             if self.pubsub is not None:
-                self.pubsub.unsubscribe(keys.wake(job_id))
+                try:
+                    self.pubsub.unsubscribe(keys.wake(job_id))
+                except redis.RedisError as e:
+                    # Harmless: wake-ups for a job nobody follows are dropped.
+                    log.warning("could not unsubscribe from job %s: %s", job_id, e)
 
     def _ensure_reader(self) -> None:
         if self.reader is None or self.reader.dead:

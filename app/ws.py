@@ -21,6 +21,7 @@ from app.apikeys import KeyInfo
 from app.gateway import Gateway
 from app.protocol import Auth, Cancel, Generate, ProtocolError, Resume, parse
 from tasks.events import TERMINAL, frame_kind
+from tasks.jobs import FINAL
 
 log = logging.getLogger(__name__)
 sock = Sock()
@@ -82,6 +83,7 @@ class Connection:
     def serve(self) -> None:
         """Run the socket until the client goes away."""
         writer = gevent.spawn(self._write)
+        writer.link_exception(self._writer_died)
         metrics.OPEN_SOCKETS.inc()
         try:
             while True:
@@ -102,6 +104,14 @@ class Connection:
                 self.gw.relay.unfollow(job_id, self)
             if self.gw.settings.cancel_on_disconnect:
                 self._cancel_unfinished()
+
+    def _writer_died(self, writer: gevent.Greenlet) -> None:
+        # A socket that can no longer send must not go on taking requests.
+        log.error("socket writer died: %r; closing the socket", writer.exception)
+        try:
+            self.ws.close(reason=1011, message="internal error")
+        except ConnectionClosed:
+            pass
 
     def _cancel_unfinished(self) -> None:
         try:
@@ -179,22 +189,31 @@ class Connection:
             queued["limits"] = admitted.limits.as_dict()
         # ``queued`` goes into the outbox before the job can produce anything.
         self._send_now(json.dumps(queued))
-        self._follow(job_id, 0)
         if not req.spec.session or position == 0:
             self.gw.enqueue(job_id)
+        # Following after enqueueing is safe: events come from the log once
+        # the subscription is live.  If following fails the job still runs,
+        # and the client can resume it.
+        self._follow(job_id, 0)
 
     def _resume(self, req: Resume) -> None:
-        self._check_owner(req.job_id)
+        owner, status, events = self.gw.jobs.progress(req.job_id)
+        self._check_owner(req.job_id, owner)
+        last = events - 1
+        if req.after > last or (req.after == last and status in FINAL):
+            raise ProtocolError("out_of_range", f"job {req.job_id!r} has no events after "
+                                f"{req.after}: its last seq is {last}"
+                                + (" and it has ended" if status in FINAL else ""))
         self._follow(req.job_id, req.after + 1)
 
     def _cancel(self, req: Cancel) -> None:
         self._check_owner(req.job_id)
         self.gw.jobs.request_cancel(req.job_id)
 
-    def _check_owner(self, job_id: str) -> None:
+    def _check_owner(self, job_id: str, owner: str | None = None) -> None:
         # Another key's job is answered like a missing one: ids do not leak.
         assert self.key is not None
-        if self.gw.jobs.owner_of(job_id) != self.key.key_id:
+        if (owner or self.gw.jobs.owner_of(job_id)) != self.key.key_id:
             raise ProtocolError("unknown_job", f"no job {job_id!r}: it never existed, its "
                                 "log has expired, or it belongs to another key")
 
@@ -203,9 +222,9 @@ class Connection:
             self.following[job_id] = min(self.following[job_id], next_seq)
             self._put(("catchup", job_id, 0, ""))
             return
+        self.gw.relay.follow(job_id, self)  # may raise: then nothing is followed
         self.following[job_id] = next_seq
         metrics.FOLLOWED_JOBS.inc()
-        self.gw.relay.follow(job_id, self)
 
     def _close(self, code: int, reason: str, writer: gevent.Greenlet) -> None:
         # Let the writer flush the error frame first; then close with ``code``.
@@ -233,37 +252,39 @@ class Connection:
                 self.lagging.add(item[1])
 
     def _send_now(self, frame: str) -> None:
-        self._put(("frame", "", 0, frame))
+        # Control frames are never dropped: a client that does not read holds
+        # up its own receive loop instead.
+        self.outbox.put(("frame", "", 0, frame))
 
     # -- writer ------------------------------------------------------------
     def _write(self) -> None:
-        try:
-            while True:
+        while True:
+            try:
                 if self.outbox.empty() and self.lagging:
-                    for job_id in self.lagging:
+                    for job_id in list(self.lagging):
                         self._catch_up(job_id)
-                    self.lagging.clear()
+                        self.lagging.discard(job_id)
                 what, job_id, seq, frame = self.outbox.get()
-                try:
-                    if what == "close":
-                        return
-                    if what == "frame":
-                        self.ws.send(frame)
-                    elif what == "catchup":
+                if what == "close":
+                    return
+                if what == "frame":
+                    self.ws.send(frame)
+                elif what == "catchup":
+                    self._catch_up(job_id)
+                elif job_id in self.following:
+                    expected = self.following[job_id]
+                    if seq == expected:
+                        self._deliver(job_id, seq, frame)
+                    elif seq > expected:
                         self._catch_up(job_id)
-                    elif job_id in self.following:
-                        expected = self.following[job_id]
-                        if seq == expected:
-                            self._deliver(job_id, seq, frame)
-                        elif seq > expected:
-                            self._catch_up(job_id)
-                except redis.RedisError as e:
-                    # Read the log again once Redis answers; nothing is lost.
-                    log.warning("catch-up of job %s failed: %s", job_id, e)
+            except ConnectionClosed:
+                return
+            except redis.RedisError as e:
+                # Read the log again once Redis answers; nothing is lost.
+                log.warning("catch-up of job %s failed: %s", job_id, e)
+                if job_id:
                     self.lagging.add(job_id)
-                    gevent.sleep(0.5)
-        except ConnectionClosed:
-            pass
+                gevent.sleep(0.5)
 
     def _catch_up(self, job_id: str) -> None:
         after = self.following.get(job_id)

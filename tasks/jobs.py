@@ -184,6 +184,12 @@ class JobStore:
                    seq=int(raw.get("seq", 0)), attempts=int(raw.get("attempts", 0)),
                    cancel_requested="cancel" in raw)
 
+    def progress(self, job_id: str) -> tuple[str | None, str | None, int]:
+        """A job's owner, status and number of events so far (``None``s when it does not exist)."""
+        owner, status, seq = self.redis.hmget(keys.job(job_id), ["owner", "status", "seq"])
+        return (_text(owner) if owner is not None else None,
+                _text(status) if status is not None else None, int(seq or 0))
+
     def owner_of(self, job_id: str) -> str | None:
         """The key id that owns a job, or ``None`` when it does not exist."""
         value = self.redis.hget(keys.job(job_id), "owner")

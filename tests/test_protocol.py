@@ -99,3 +99,17 @@ def test_messages_form_and_ref_echo(web: str, connect: Callable[[str], Client]) 
     assert q["type"] == "queued" and q["ref"] == 42
     ev = c.finish({q["job_id"]})[q["job_id"]]
     assert text_of(ev) == expected_text(msgs, 4, MockConfig(ttft_ms=40, itl_ms=15, output_tokens=12))
+
+
+def test_resume_beyond_the_end_is_out_of_range(web: str, connect: Callable[..., Client]) -> None:
+    """Resuming after the last event of an ended job, or past any event, says so instead of hanging."""
+    c = connect(web)
+    c.send(type="generate", prompt="short", max_tokens=2)
+    job_id = c.recv()["job_id"]
+    last = c.finish({job_id})[job_id][-1]["seq"]
+    for after in (last, last + 5):
+        c.send(type="resume", ref=after, job_id=job_id, after=after)
+        err = c.until(lambda f, a=after: f.get("ref") == a)
+        assert err["type"] == "error" and err["code"] == "out_of_range", err
+    c.send(type="resume", ref="ok", job_id=job_id, after=last - 1)
+    assert c.until(lambda f: f.get("type") == "done")["seq"] == last
