@@ -63,8 +63,12 @@ class Gateway:
             self._refund(job_id)
             raise
 
-    def enqueue(self, job_id: str) -> None:
-        """Hand a stored job to the workers; on failure log an ``error`` event for it."""
+    def enqueue(self, job_id: str, spec: JobSpec) -> None:
+        """Hand a stored job to the workers; on failure log an ``error`` event for it.
+
+        A chat session's job that cannot be enqueued is taken off the session,
+        so the jobs behind it are not held up.
+        """
         try:
             self.celery.send_task("sluice.generate", args=[job_id], queue=self.settings.queue)
         except Exception as e:
@@ -73,6 +77,10 @@ class Gateway:
                                                  "message": f"could not enqueue the job: {e}"},
                                status="error")
             self._refund(job_id)
+            if spec.session:
+                nxt = self.jobs.advance_session(spec.owner, spec.session, job_id)
+                if nxt:
+                    self.enqueue(nxt, spec)
 
     def _refund(self, job_id: str) -> None:
         try:

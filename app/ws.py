@@ -190,7 +190,7 @@ class Connection:
         # ``queued`` goes into the outbox before the job can produce anything.
         self._send_now(json.dumps(queued))
         if not req.spec.session or position == 0:
-            self.gw.enqueue(job_id)
+            self.gw.enqueue(job_id, req.spec)
         # Following after enqueueing is safe: events come from the log once
         # the subscription is live.  If following fails the job still runs,
         # and the client can resume it.

@@ -25,14 +25,24 @@ TERMINAL = frozenset({"done", "error"})
 # KEYS[5] running zset
 # ARGV[1] frame text before the seq, ARGV[2] frame text after the seq,
 # ARGV[3] lease token ('' skips the check), ARGV[4] final status ('' unless the
-#   event ends the job), ARGV[5] TTL in seconds for a job that has ended
-# Returns {seq, cancel_requested} or {-1, 0} when the caller's lease is gone
-# (another attempt owns the job: the caller must stop writing).
+#   event ends the job), ARGV[5] TTL in seconds for a job that has ended,
+# ARGV[6] the seq the caller expects to get ('' skips the check).
+# Returns {seq, cancel_requested}; {-1, 0} when the caller's lease is gone
+# (another attempt owns the job: the caller must stop writing); {-2, 0} when
+# the log is not where the caller expects it.  An append retried after its
+# reply was lost finds the log one past what it expects and returns that seq
+# again instead of appending twice.
 APPEND = """
 if ARGV[3] ~= '' and redis.call('GET', KEYS[4]) ~= ARGV[3] then
   return {-1, 0}
 end
-local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1) - 1
+local seq = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')
+local cancel = redis.call('HGET', KEYS[1], 'cancel') and 1 or 0
+if ARGV[6] ~= '' and seq ~= tonumber(ARGV[6]) then
+  if seq == tonumber(ARGV[6]) + 1 then return {seq - 1, cancel} end
+  return {-2, 0}
+end
+redis.call('HSET', KEYS[1], 'seq', seq + 1)
 local frame = ARGV[1] .. seq .. ARGV[2]
 redis.call('XADD', KEYS[2], '0-' .. (seq + 1), 'f', frame)
 redis.call('PUBLISH', KEYS[3], seq .. ' ' .. frame)
@@ -46,13 +56,16 @@ if ARGV[4] ~= '' then
 elseif seq == 0 then
   redis.call('EXPIRE', KEYS[2], redis.call('TTL', KEYS[1]))
 end
-local cancel = redis.call('HGET', KEYS[1], 'cancel')
-return {seq, cancel and 1 or 0}
+return {seq, cancel}
 """
 
 
 class LeaseLostError(RuntimeError):
     """Another attempt owns the job; this one must stop writing."""
+
+
+class LogMismatchError(RuntimeError):
+    """The log is not at the seq the writer expected (a bug, or a writer without the lease)."""
 
 
 @dataclass(frozen=True)
@@ -80,23 +93,30 @@ class EventLog:
         self._append = client.register_script(APPEND)
 
     def append(self, job_id: str, kind: str, body: dict[str, Any], *,
-               lease_token: str = "", status: str = "") -> Appended:
+               lease_token: str = "", status: str = "", expect_seq: int | None = None
+               ) -> Appended:
         """Append one event and publish its wake-up.
 
         :param kind: ``token``, ``restart``, ``done`` or ``error``.
         :param body: the frame's fields besides ``type``, ``job_id`` and ``seq``.
         :param lease_token: when given, append only while this lease is held.
         :param status: the job's final status when this event ends the job.
+        :param expect_seq: the seq this event must get; makes a retried append
+            (after a lost reply) safe.
         :return: the event's seq and whether a cancel was requested.
         :raises LeaseLostError: the lease is held by someone else.
+        :raises LogMismatchError: the log is not at ``expect_seq``.
         """
         head, tail = frame_parts(job_id, kind, body)
         seq, cancel = self._append(
             keys=[keys.job(job_id), keys.log(job_id), keys.wake(job_id), keys.lease(job_id),
                   keys.RUNNING],
-            args=[head, tail, lease_token, status, self.ttl_s])
-        if seq < 0:
+            args=[head, tail, lease_token, status, self.ttl_s,
+                  "" if expect_seq is None else expect_seq])
+        if seq == -1:
             raise LeaseLostError(job_id)
+        if seq == -2:
+            raise LogMismatchError(f"job {job_id}: the log is not at seq {expect_seq}")
         return Appended(int(seq), bool(cancel))
 
     def read(self, job_id: str, after: int = -1, count: int | None = None) -> list[tuple[int, str]]:

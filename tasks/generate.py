@@ -13,12 +13,16 @@ import redis
 from celery import Task, shared_task
 from gevent.event import Event
 
-from tasks.events import LeaseLostError
+from tasks.events import Appended, LeaseLostError
 from tasks.jobs import FINAL, Job
 from workers import metrics
 from workers.provider import Finish, ProviderError
 
 log = logging.getLogger(__name__)
+
+
+class AttemptAbandonedError(RuntimeError):
+    """Redis stayed out of reach; the job is left to be re-run when its lease runs out."""
 
 
 @shared_task(name="sluice.generate", bind=True, acks_late=True, reject_on_worker_lost=True,
@@ -28,7 +32,8 @@ def generate(self: Task, job_id: str) -> None:
 
     Takes only the id, so brokers, logs and Flower never see prompts.  A copy
     delivered while another attempt holds the job's lease retries later
-    instead of generating beside it.
+    instead of generating beside it.  If the attempt fails unexpectedly, its
+    lease is kept until it runs out, so the reaper re-runs the job.
     """
     rt = self.app.sluice  # type: ignore[attr-defined]
     job = rt.jobs.get(job_id)
@@ -39,21 +44,23 @@ def generate(self: Task, job_id: str) -> None:
         _start_next(self, job)
         return
     token = uuid.uuid4().hex
-    lease_ms = rt.settings.lease_ttl_s * 1000
-    if not rt.jobs.take_lease(job_id, token, lease_ms):
+    held = rt.jobs.take_lease(job_id, token, rt.settings.lease_ttl_s * 1000)
+    if held == 0:
         raise self.retry(countdown=rt.settings.lease_ttl_s)
-    try:
-        Attempt(rt, job, token).run()
-    finally:
+    if held == 1:
+        ended = Attempt(rt, job, token).run()
         rt.jobs.release_lease(job_id, token)
-        _start_next(self, job)
+        if not ended:
+            return  # another attempt owns the job now, and will end it
+    _start_next(self, job)
 
 
 def _start_next(task: Task, job: Job) -> None:
+    """Start the next job of an ended job's chat session (idempotent)."""
     if not job.spec.session:
         return
     jobs = task.app.sluice.jobs  # type: ignore[attr-defined]
-    nxt = jobs.advance_session(job.spec.session, job.job_id)
+    nxt = jobs.advance_session(job.spec.owner, job.spec.session, job.job_id)
     queue = jobs.queue_of(nxt) if nxt else None
     if nxt and queue:
         task.app.send_task("sluice.generate", args=[nxt], queue=queue)
@@ -66,6 +73,8 @@ class Attempt:
     another, so a slow Redis round trip never delays reading; text that piles
     up while a write is in flight goes out as one event.  A cancel kills the
     reader wherever it waits, which closes the provider's stream at once.
+    Every append names the seq it expects, so one retried after a lost reply
+    is not logged twice.
     """
 
     def __init__(self, rt: Any, job: Job, lease_token: str) -> None:
@@ -77,22 +86,28 @@ class Attempt:
         self.stop = Event()        # cancel seen, lease lost, or reading ended
         self.cancelled = False
         self.lease_lost = False
+        self.abandoned = False
+        self.next_seq = 0
         self.reader: gevent.Greenlet | None = None
         self.finish: Finish | None = None
         self.error: ProviderError | None = None
         self.times: list[float] = []  # when each piece arrived
 
-    def run(self) -> None:
-        """Generate, then log ``done`` or ``error``."""
+    def run(self) -> bool:
+        """Generate, then log ``done`` or ``error``.
+
+        :return: True if this attempt ended the job, False if another took it over.
+        :raises AttemptAbandonedError: Redis stayed unreachable for a lease period.
+        """
         jid = self.job.job_id
         now_ms = int(time.time() * 1000)
-        attempt, started_ms = self.rt.jobs.mark_running(jid, now_ms)
-        if self.job.seq > 0 or attempt > 1:
+        attempt, started_ms, self.next_seq = self.rt.jobs.mark_running(jid, now_ms)
+        if self.next_seq > 0 or attempt > 1:
             self._emit("restart", {"attempt": attempt})
         if self.job.cancel_requested:
             self._finish_cancelled()
             self._settle(0, 0)
-            return
+            return True
         t_start = time.monotonic()
         heartbeat = gevent.spawn(self._heartbeat)
         writer = gevent.spawn(self._write_tokens)
@@ -109,29 +124,37 @@ class Attempt:
             heartbeat.kill()
             self.rt.attempts.pop(jid, None)
             metrics.IN_FLIGHT.dec()
-        finish, error, times = self.finish, self.error, self.times
-        if self.lease_lost:
-            log.warning("job %s: lease lost, another attempt owns it", jid)
-            return
+        if self.abandoned:
+            raise AttemptAbandonedError(f"job {jid}: Redis unreachable; left for a re-run")
+        try:
+            if not self.lease_lost:
+                self._end(attempt, started_ms, t_start)
+                return True
+        except LeaseLostError:
+            pass
+        log.warning("job %s: lease lost, another attempt owns it", jid)
+        return False
+
+    def _end(self, attempt: int, started_ms: int, t_start: float) -> None:
         deployment = self.rt.provider.name
-        if self.cancelled or error is not None or finish is None:
-            if self.cancelled:
-                self._finish_cancelled()
-                metrics.JOBS.labels("cancelled").inc()
-            else:
-                error = error or ProviderError("provider_stream_broken", "the stream ended early")
-                self._emit("error", {"code": error.code, "message": error.message},
-                           status="error")
-                metrics.JOBS.labels("error").inc()
-                metrics.PROVIDER_ERRORS.labels(deployment, error.code).inc()
-            # Once the provider streamed, it billed the prompt (the admission
-            # count stands in for it); before that, everything is refunded.
-            if times:
-                self._settle(None, len(times))
-            else:
-                self._settle(0, 0)
-        else:
+        finish, error, times = self.finish, self.error, self.times
+        if not self.cancelled and error is None and finish is not None:
             self._finish_done(finish, attempt, started_ms, t_start, times, deployment)
+            return
+        if self.cancelled:
+            self._finish_cancelled()
+            metrics.JOBS.labels("cancelled").inc()
+        else:
+            error = error or ProviderError("provider_stream_broken", "the stream ended early")
+            self._emit("error", {"code": error.code, "message": error.message}, status="error")
+            metrics.JOBS.labels("error").inc()
+            metrics.PROVIDER_ERRORS.labels(deployment, error.code).inc()
+        # Once the provider streamed, it billed the prompt (the admission count
+        # stands in for it); before that, everything is refunded.
+        if times:
+            self._settle(None, len(times))
+        else:
+            self._settle(0, 0)
 
     def _finish_done(self, finish: Finish, attempt: int, started_ms: int, t_start: float,
                      times: list[float], deployment: str) -> None:
@@ -188,10 +211,12 @@ class Attempt:
         except ProviderError as e:
             self.error = e
 
-    def halt(self, *, cancelled: bool = False, lease_lost: bool = False) -> None:
+    def halt(self, *, cancelled: bool = False, lease_lost: bool = False,
+             abandoned: bool = False) -> None:
         """Stop generating now: close the provider stream wherever the reader is waiting."""
         self.cancelled = self.cancelled or cancelled
         self.lease_lost = self.lease_lost or lease_lost
+        self.abandoned = self.abandoned or abandoned
         self.stop.set()
         self.wakeup.set()
         if self.reader is not None:
@@ -209,6 +234,9 @@ class Attempt:
                 except LeaseLostError:
                     self.halt(lease_lost=True)
                     return
+                except AttemptAbandonedError:
+                    self.halt(abandoned=True)
+                    return
                 if appended.cancel_requested:
                     self.halt(cancelled=True)
                     return
@@ -220,12 +248,19 @@ class Attempt:
 
     def _heartbeat(self) -> None:
         ttl_s = self.rt.settings.lease_ttl_s
+        slot_ms = 2 * self.rt.settings.job_timeout_s * 1000
         while not self.stop.is_set():
             gevent.sleep(ttl_s / 3)
-            if not self.rt.jobs.take_lease(self.job.job_id, self.token, ttl_s * 1000):
-                self.halt(lease_lost=True)
-            elif self.rt.jobs.cancel_requested(self.job.job_id):
-                self.halt(cancelled=True)
+            try:
+                held = self.rt.jobs.take_lease(self.job.job_id, self.token, ttl_s * 1000)
+                if held != 1:
+                    self.halt(lease_lost=True)
+                elif self.rt.jobs.cancel_requested(self.job.job_id):
+                    self.halt(cancelled=True)
+                self.rt.budget.touch(self.job.job_id, slot_ms)
+            except redis.RedisError as e:
+                # The writer decides when Redis has been gone too long.
+                log.warning("job %s: heartbeat failed: %s", self.job.job_id, e)
 
     def _settle(self, prompt_tokens: int | None, completion_tokens: int) -> None:
         # After the final event: a worker dying in between leaves the slot to
@@ -239,9 +274,26 @@ class Attempt:
         self._emit("error", {"code": "cancelled", "message": "the job was cancelled"},
                    status="cancelled")
 
-    def _emit(self, kind: str, body: dict[str, Any], status: str = "") -> Any:
-        return self.rt.events.append(self.job.job_id, kind, body, lease_token=self.token,
-                                     status=status)
+    def _emit(self, kind: str, body: dict[str, Any], status: str = "") -> Appended:
+        """Append an event, retrying through Redis errors for up to one lease period.
+
+        :raises LeaseLostError: another attempt owns the job.
+        :raises AttemptAbandonedError: Redis stayed unreachable.
+        """
+        deadline = time.monotonic() + self.rt.settings.lease_ttl_s
+        while True:
+            try:
+                appended: Appended = self.rt.events.append(
+                    self.job.job_id, kind, body, lease_token=self.token, status=status,
+                    expect_seq=self.next_seq)
+            except redis.RedisError as e:
+                if time.monotonic() > deadline:
+                    raise AttemptAbandonedError(str(e)) from e
+                log.warning("job %s: append failed, retrying: %s", self.job.job_id, e)
+                gevent.sleep(0.2)
+                continue
+            self.next_seq = appended.seq + 1
+            return appended
 
 
 def _ms(seconds: float) -> float:

@@ -33,16 +33,21 @@ redis.call('EXPIRE', KEYS[2], ARGV[1])
 return {n - 1, waiting}
 """
 
-# Take a finished job off the head of its session and name the next one.
-# KEYS[1] session list. ARGV[1] the finished job id.
+# Take a finished job off the head of its session and name the next one,
+# skipping jobs whose record has expired (nothing would ever start them).
+# KEYS[1] session list. ARGV[1] the finished job id, ARGV[2] the job key prefix.
 # Returns the job id now at the head (to be started), or false.  Idempotent:
-# a job that is no longer the head is left alone.
+# a job that is no longer the head is left alone.  (The skipped records' keys
+# are derived, not declared: Sluice runs on a single Redis, not a cluster.)
 ADVANCE = """
-if redis.call('LINDEX', KEYS[1], 0) == ARGV[1] then
+if redis.call('LINDEX', KEYS[1], 0) ~= ARGV[1] then return false end
+redis.call('LPOP', KEYS[1])
+local head = redis.call('LINDEX', KEYS[1], 0)
+while head and redis.call('EXISTS', ARGV[2] .. head) == 0 do
   redis.call('LPOP', KEYS[1])
-  return redis.call('LINDEX', KEYS[1], 0)
+  head = redis.call('LINDEX', KEYS[1], 0)
 end
-return false
+return head
 """
 
 # Flag a job for cancellation if it exists, and tell the workers.
@@ -56,10 +61,13 @@ return 1
 """
 
 # Take the lease of a job, or renew it if we already hold it, and record
-# when it runs out in the running set.
-# KEYS[1] lease, KEYS[2] running zset. ARGV[1] token, ARGV[2] TTL ms, ARGV[3] job id.
-# Returns 1 if held by us now, else 0.
+# when it runs out in the running set.  A job that has ended is not leased.
+# KEYS[1] lease, KEYS[2] running zset, KEYS[3] job hash.
+# ARGV[1] token, ARGV[2] TTL ms, ARGV[3] job id.
+# Returns 1 if held by us now, 0 if another attempt holds it, -1 if the job has ended.
 LEASE = """
+local status = redis.call('HGET', KEYS[3], 'status')
+if status == 'done' or status == 'error' or status == 'cancelled' then return -1 end
 local cur = redis.call('GET', KEYS[1])
 if cur == false or cur == ARGV[1] then
   redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
@@ -161,7 +169,7 @@ class JobStore:
         if spec.session:
             fields["session"] = spec.session
         flat = [x for kv in fields.items() for x in kv]
-        session_key = keys.session(spec.session) if spec.session else keys.job(job_id)
+        session_key = keys.session(spec.owner, spec.session) if spec.session else keys.job(job_id)
         ahead, waiting = self._create(keys=[keys.job(job_id), session_key, spec.queue],
                                       args=[self.ttl_s, spec.session or "", *flat])
         return job_id, int(ahead if spec.session else waiting)
@@ -205,18 +213,19 @@ class JobStore:
         value = self.redis.hget(keys.job(job_id), "status")
         return _text(value) if value is not None else None
 
-    def mark_running(self, job_id: str, now_ms: int) -> tuple[int, int]:
-        """Record the start of an attempt.
+    def mark_running(self, job_id: str, now_ms: int) -> tuple[int, int, int]:
+        """Record the start of an attempt (call it holding the lease).
 
-        :return: the attempt number (1 = first) and when the first attempt started.
+        :return: the attempt number (1 = first), when the first attempt started,
+            and the number of events logged so far.
         """
         pipe = self.redis.pipeline()
         pipe.hset(keys.job(job_id), "status", "running")
         pipe.hsetnx(keys.job(job_id), "started_ms", now_ms)
         pipe.hincrby(keys.job(job_id), "attempts", 1)
-        pipe.hget(keys.job(job_id), "started_ms")
-        _, _, attempt, started = pipe.execute()
-        return int(attempt), int(started)
+        pipe.hmget(keys.job(job_id), ["started_ms", "seq"])
+        _, _, attempt, (started, seq) = pipe.execute()
+        return int(attempt), int(started), int(seq or 0)
 
     def record_client_ttft(self, job_id: str, ms: float) -> None:
         """Record when the submitting client got its first token (ms after acceptance)."""
@@ -235,10 +244,13 @@ class JobStore:
         """Flag a job for cancellation; return whether the job exists."""
         return bool(self._cancel(keys=[keys.job(job_id), keys.CANCELS], args=[job_id]))
 
-    def take_lease(self, job_id: str, token: str, ttl_ms: int) -> bool:
-        """Take or renew the generation lease; return whether ``token`` holds it."""
-        return bool(self._lease(keys=[keys.lease(job_id), keys.RUNNING],
-                                args=[token, ttl_ms, job_id]))
+    def take_lease(self, job_id: str, token: str, ttl_ms: int) -> int:
+        """Take or renew the generation lease.
+
+        :return: 1 if ``token`` holds it, 0 if another attempt does, -1 if the job ended.
+        """
+        return int(self._lease(keys=[keys.lease(job_id), keys.RUNNING, keys.job(job_id)],
+                               args=[token, ttl_ms, job_id]))
 
     def release_lease(self, job_id: str, token: str) -> None:
         """Give the lease back if ``token`` holds it."""
@@ -252,9 +264,9 @@ class JobStore:
         """Drop a job from the running set (it has ended or expired)."""
         self.redis.zrem(keys.RUNNING, job_id)
 
-    def advance_session(self, session: str, job_id: str) -> str | None:
+    def advance_session(self, owner: str, session: str, job_id: str) -> str | None:
         """Pop a finished job off its session; return the next job to start, if any."""
-        nxt = self._advance(keys=[keys.session(session)], args=[job_id])
+        nxt = self._advance(keys=[keys.session(owner, session)], args=[job_id, keys.job("")])
         return nxt.decode() if nxt else None
 
 

@@ -11,7 +11,7 @@ sluice:job:{id}               hash      params, owner, status, timestamps, seq c
 sluice:job:{id}:log           stream    the job's events; entry id ``0-(seq+1)``
 sluice:job:{id}:lease         string    token of the worker generating it (SET NX)
 sluice:job:{id}:wake          channel   one message per appended event
-sluice:session:{s}            list      job ids of a chat session, head = running
+sluice:session:{key}:{s}      list      job ids of a key's chat session, head = running
 sluice:running                zset      job id -> lease deadline (ms) of running jobs
 sluice:cancels                channel   ids of jobs whose cancel was just requested
 ============================  ========  ==============================================
@@ -58,9 +58,9 @@ def wake(job_id: str) -> str:
     return f"{PREFIX}job:{job_id}:wake"
 
 
-def session(name: str) -> str:
-    """The ordered list of a chat session's unfinished jobs."""
-    return f"{PREFIX}session:{name}"
+def session(owner: str, name: str) -> str:
+    """The ordered list of a chat session's unfinished jobs; sessions are per API key."""
+    return f"{PREFIX}session:{owner}:{name}"
 
 
 #: Jobs being generated, scored by when their lease runs out; a job whose

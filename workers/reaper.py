@@ -32,8 +32,8 @@ def reap_forever(app: Any) -> None:
         try:
             reap_once(app)
             metrics.QUEUE_DEPTH.labels(rt.settings.queue).set(rt.redis.llen(rt.settings.queue))
-        except redis.RedisError as e:
-            log.warning("reaper: %s", e)
+        except Exception:  # Redis or broker trouble must not end the loop
+            log.exception("reaper: this round failed; trying again")
 
 
 def reap_once(app: Any) -> list[str]:
