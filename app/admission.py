@@ -22,7 +22,7 @@ import redis
 
 from app.apikeys import KeyInfo
 from app.tiers import Tier, load_tiers
-from tasks.budget import USAGE_TTL_S, Budget, DayUsage, Settlement
+from tasks.budget import USAGE_TTL_S, Budget, DayUsage, DuplicateReservationError, Settlement
 from tasks.config import Settings
 from tasks.jobs import JobSpec
 from tasks.limits import Limits
@@ -180,6 +180,10 @@ class Admission:
             res = self.budget.reserve(key.key_id, job_id, need, tier.rates,
                                       prompt_tokens=prompt, slot_ttl_ms=self._slot_ttl_ms,
                                       reservation_ttl_s=self.job_ttl_s)
+        except DuplicateReservationError:
+            # Our own reserve, retried by the Redis client after its reply was
+            # lost: the first call went through.
+            return Admitted(job_id, key.key_id, tier.name, prompt, max_tokens, need, None)
         except (redis.ConnectionError, redis.TimeoutError) as e:
             if self.fail_open:
                 return Admitted(job_id, key.key_id, tier.name, prompt, max_tokens, need, None,

@@ -91,6 +91,8 @@ class BenchConfig:
     direct_api_key: str = "sk-bench"
     model: str = "mock-1"
     direct_model: str | None = None
+    #: ``fast`` (the lean HTTP/SSE reader) or ``sdk`` (the official openai SDK).
+    direct_client: str = "fast"
     input_tokens: int = 32
     output_tokens: int = 50
     prompts_file: Path | None = None
@@ -154,14 +156,15 @@ def build_steps(kind: str, values: list[float], requests: int | None, duration_s
 
     Without ``--requests``: a ``sockets`` step sends one request per socket,
     ``concurrency`` sends five per stream (at least 20), a rate sends ten
-    seconds' worth (at least 20).
+    seconds' worth (at least 20).  A ``concurrency`` step always sends at least
+    one request per stream, or it would not reach its concurrency.
     """
     steps = []
     for v in values:
         if kind == "sockets":
             n = int(v)
         elif requests is not None:
-            n = requests
+            n = max(requests, int(v)) if kind == "concurrency" else requests
         elif kind == "concurrency":
             n = max(20, 5 * int(v))
         else:

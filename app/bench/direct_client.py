@@ -41,8 +41,8 @@ class DirectClient:
         stream.sent(t_step0)
         try:
             async with asyncio.timeout(timeout_s):
-                chunks = await self.client.chat.completions.create(
-                    model=self.model, messages=prompt.messages,  # type: ignore[arg-type]
+                chunks = await self.client.chat.completions.create(  # type: ignore[call-overload]
+                    model=self.model, messages=prompt.messages,
                     max_tokens=prompt.max_tokens, stream=True,
                     stream_options={"include_usage": True}, timeout=timeout_s)
                 async with chunks:

@@ -9,7 +9,7 @@ from array import array
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from time import perf_counter
-from typing import Protocol, TextIO
+from typing import Any, Protocol, TextIO
 
 from app.bench.config import Step
 from app.bench.record import RequestRecord, Stream
@@ -138,7 +138,7 @@ async def run_load(step: Step, lanes: Sequence[Lane], new_stream: NewStream, tim
     return out
 
 
-async def _until_stopped(fut: asyncio.Future[object] | asyncio.Task[None],
+async def _until_stopped(fut: asyncio.Future[Any],
                          stop: asyncio.Event) -> None:
     stopper = asyncio.create_task(stop.wait())
     await asyncio.wait({fut, stopper}, return_when=asyncio.FIRST_COMPLETED)
@@ -172,7 +172,7 @@ async def show_progress(counters: Counters, stream: TextIO = sys.stderr) -> None
             last_frames, last_t = frames, now
             line = (f"[{counters.label}] done {counters.done}/{counters.total}  in flight "
                     f"{counters.sent - counters.done}  {rate:,.0f} tok/s  "
-                    f"errors {counters.errors}")
+                    f"errors {counters.errors}") if counters.total else f"[{counters.label}]"
             stream.write(f"\r\x1b[2K{line}" if tty else line + "\n")
             stream.flush()
     finally:

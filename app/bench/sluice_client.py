@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from collections.abc import Callable
 from time import perf_counter
 from typing import Any
@@ -201,8 +202,8 @@ def describe(e: BaseException) -> str:
         rcvd = e.rcvd
         return (f"closed by the server with code {rcvd.code}" + (f" ({rcvd.reason})"
                 if rcvd.reason else "")) if rcvd else "the connection dropped"
-    if isinstance(e, OSError) and e.strerror:
-        return e.strerror
+    if isinstance(e, OSError) and (e.errno or e.strerror):
+        return os.strerror(e.errno).lower() if e.errno else str(e.strerror)
     if isinstance(e, TimeoutError):
         return "timed out"
     return str(e) or type(e).__name__

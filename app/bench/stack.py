@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import os
 import shutil
 import signal
@@ -20,6 +21,7 @@ import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from app.bench.config import BenchError, StackOptions
 from workers.mockllm import MockConfig
@@ -73,16 +75,19 @@ class Child:
             return ""
         return "\n".join("    " + line for line in text.splitlines()[-lines:])
 
+    def send(self, sig: int) -> None:
+        """Send ``sig`` to the process group."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, sig)
+
     def stop(self, first: int = signal.SIGTERM, grace_s: float = 5.0) -> None:
         """Signal the process group, wait ``grace_s``, then kill whatever is left of it."""
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.pid, first)
+        self.send(first)
         try:
             self.popen.wait(grace_s)
         except subprocess.TimeoutExpired:
             pass
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.pid, signal.SIGKILL)
+        self.send(signal.SIGKILL)
         self.popen.wait()
 
 
@@ -114,6 +119,9 @@ class Stack:
         self.redis_url = ""
         self.mock_url = ""
         self.urls: list[str] = []
+        self.worker_names: list[str] = []
+        #: A key of the 'unlimited' tier, so admission never throttles the load.
+        self.api_key = ""
         self.children: dict[str, list[Child]] = {"redis": [], "mock": [], "worker": [],
                                                  "web": []}
 
@@ -129,6 +137,7 @@ class Stack:
                               "--save", "", "--appendonly", "no", "--dir", str(self.log_dir),
                               "--maxclients", "20000", "--loglevel", "warning"], {})
         self._wait(lambda: answers(self.redis_url, 0.2), "redis", end)
+        self.api_key = _bench_key(self.redis_url)
         o = self.opts
         mock = self._spawn("mock", [sys.executable, "-c", "from app.cli import main; main()",
                                     "mockllm", "--port", "0", "--ttft-ms", str(o.mock_ttft_ms),
@@ -153,8 +162,19 @@ class Stack:
                 "--log-level", "warning", "app:create_app()"], {}, "web", signal.SIGTERM)
         self._wait_workers(names, end)
         for p in ports:
-            self._wait(lambda p=p: _http_ok(f"http://127.0.0.1:{p}/readyz"), "web", end)
+            self._wait(functools.partial(_http_ok, f"http://127.0.0.1:{p}/readyz"), "web", end)
         self.urls = [f"ws://127.0.0.1:{p}/ws" for p in ports]
+        self.worker_names = names
+
+    def describe(self) -> dict[str, Any]:
+        """What was started, for the results file."""
+        o = self.opts
+        return {"workers": o.workers, "worker_concurrency": o.worker_concurrency,
+                "webs": o.webs, "mock": {"ttft_ms": o.mock_ttft_ms, "itl_ms": o.mock_itl_ms,
+                                         "jitter_ms": o.mock_jitter_ms,
+                                         "output_tokens": o.mock_output_tokens},
+                "urls": self.urls, "mock_url": self.mock_url, "redis_url": self.redis_url,
+                "worker_names": self.worker_names, "env": dict(o.env)}
 
     def roles(self) -> dict[str, list[int]]:
         """Root pids of Sluice's own processes by role (not the mock's)."""
@@ -167,8 +187,11 @@ class Stack:
 
     def stop(self) -> None:
         """Stop every part (front ends first, Redis last); safe to call twice."""
-        for role, first in (("web", signal.SIGTERM), ("worker", signal.SIGQUIT),
+        # Workers hold nothing worth a warm shutdown here (the Redis is private).
+        for role, first in (("web", signal.SIGTERM), ("worker", signal.SIGKILL),
                             ("mock", signal.SIGTERM), ("redis", signal.SIGTERM)):
+            for child in self.children[role]:
+                child.send(first)
             for child in self.children[role]:
                 child.stop(first)
             self.children[role] = []
@@ -217,6 +240,15 @@ class Stack:
             self._wait(ready, "worker", end)
         finally:
             app.close()
+
+
+def _bench_key(redis_url: str) -> str:
+    import redis
+
+    from app.apikeys import KeyStore
+
+    with redis.Redis.from_url(redis_url) as client:
+        return KeyStore(client).create("sluice-bench", "unlimited")[0]
 
 
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))

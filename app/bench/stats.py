@@ -57,6 +57,8 @@ def aggregate(records: Sequence[RequestRecord], itl_ms: Iterable[float], slo: Sl
     }
     for attr, key in METRICS.items():
         out[key] = dist(getattr(r, attr) for r in ok)
+    # A request cut short by Ctrl-C still measured a valid time to first token.
+    out["ttft_ms"] = dist(r.ttft_ms for r in records if r.ok or r.error == "interrupted")
     out["itl_ms"] = dist(itl_ms)
     out["tokens"] = sum(r.tokens for r in records)
     out["output_tokens_ok"] = sum(r.tokens for r in ok)
