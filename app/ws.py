@@ -192,8 +192,7 @@ class Connection:
         if not req.spec.session or position == 0:
             self.gw.enqueue(job_id, req.spec)
         # Following after enqueueing is safe: events come from the log once
-        # the subscription is live.  If following fails the job still runs,
-        # and the client can resume it.
+        # the subscription is live.
         self._follow(job_id, 0)
 
     def _resume(self, req: Resume) -> None:
@@ -222,7 +221,7 @@ class Connection:
             self.following[job_id] = min(self.following[job_id], next_seq)
             self._put(("catchup", job_id, 0, ""))
             return
-        self.gw.relay.follow(job_id, self)  # may raise: then nothing is followed
+        self.gw.relay.follow(job_id, self)
         self.following[job_id] = next_seq
         metrics.FOLLOWED_JOBS.inc()
 

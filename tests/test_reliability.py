@@ -168,3 +168,18 @@ def test_disconnect_cancels_only_when_configured(start_proc: Callable[..., Proc]
     status = lambda j: (r.hget(keys.job(j), "status") or b"").decode()  # noqa: E731
     wait_for(lambda: status(job_ids["cancelling"]) == "cancelled", 10, "the cancel")
     wait_for(lambda: status(job_ids["default"]) == "done", 10, "the uncancelled job to finish")
+
+
+def test_relay_survives_its_pubsub_connection_being_killed(
+        slow_worker: Proc, slow_web: str, r: redis.Redis,
+        connect: Callable[..., Client]) -> None:
+    """Redis drops the front end's pub/sub connection mid-stream: the client still gets every token."""
+    c = connect(slow_web)
+    c.send(type="generate", prompt="through a storm", max_tokens=30)
+    job_id = c.recv()["job_id"]
+    for _ in range(3):
+        c.until(lambda f: f.get("type") == "token")
+    assert r.client_kill_filter(_type="pubsub") >= 1
+    ev = c.finish({job_id})[job_id]
+    assert [e["seq"] for e in ev] == list(range(len(ev)))
+    assert text_of(ev) == expected_text("through a storm", 30, SLOW_CONFIG)
