@@ -283,7 +283,7 @@ class Attempt:
         deadline = time.monotonic() + self.rt.settings.lease_ttl_s
         while True:
             try:
-                appended: Appended = self.rt.events.append(
+                appended: Appended = self.rt.appender.append(
                     self.job.job_id, kind, body, lease_token=self.token, status=status,
                     expect_seq=self.next_seq)
             except redis.RedisError as e:

@@ -11,7 +11,7 @@ from celery.signals import worker_ready
 
 from tasks.budget import Budget
 from tasks.config import Settings
-from tasks.events import EventLog
+from tasks.events import AppendBatcher, EventLog
 from tasks.jobs import JobStore
 from workers.provider import Provider
 
@@ -33,6 +33,11 @@ class Runtime:
     def events(self) -> EventLog:
         """The event log."""
         return EventLog(self.redis, self.settings.event_ttl_s)
+
+    @cached_property
+    def appender(self) -> AppendBatcher:
+        """Appends of all this process's attempts, batched into pipelines."""
+        return AppendBatcher(self.events)
 
     @cached_property
     def jobs(self) -> JobStore:
@@ -81,7 +86,6 @@ def create_celery(settings: Settings | None = None) -> Celery:
         task_serializer="json",
         accept_content=["json"],
         worker_concurrency=settings.worker_concurrency,
-        worker_pool="gevent",
         worker_hijack_root_logger=False,
         # Streams may run for minutes: give warm shutdown time to let them end.
         worker_soft_shutdown_timeout=float(settings.job_timeout_s),
