@@ -90,7 +90,9 @@ def create_celery(settings: Settings | None = None) -> Celery:
         # Streams may run for minutes: give warm shutdown time to let them end.
         worker_soft_shutdown_timeout=float(settings.job_timeout_s),
         worker_enable_soft_shutdown_on_idle=False,
-        task_send_sent_event=True,
+        # No task-sent events: they cost the front end an extra publish per
+        # job; Flower still sees every task from the workers' own events.
+        task_send_sent_event=False,
         worker_send_task_events=True,
     )
     app.sluice = Runtime(settings)  # type: ignore[attr-defined]
