@@ -24,7 +24,7 @@ mypy:
 	$(BIN)/mypy
 
 bench:
-	$(BIN)/sluice bench --sockets 1 --sockets 100 --sockets 1000
+	$(BIN)/sluice bench --start-stack --compare-direct --workers 2 --sockets 1 --sockets 100 --sockets 1000 --out bench-results
 
 all: lint test
 
