@@ -56,6 +56,9 @@ class Settings:
     anonymous_tier: str = "free"
     #: A raw API key to register at start-up (``sluice run`` sets one for the demo).
     demo_key: str = ""
+    #: Accept Celery control commands that change workers (revoke, shutdown, pool
+    #: resize…) from Flower or ``celery control``; off keeps Flower read-only.
+    remote_control: bool = False
     #: Port of a worker process's Prometheus endpoint; 0 serves none.
     metrics_port: int = 0
     #: Redis connections per process; greenlets beyond it wait for a free one.

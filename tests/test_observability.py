@@ -131,3 +131,21 @@ def test_flower_refuses_to_start_without_credentials(sluice_env: dict[str, str])
                          capture_output=True, text=True, timeout=30)
     assert out.returncode != 0
     assert "SLUICE_FLOWER_PASSWORD" in out.stderr
+
+
+def test_flower_is_read_only_by_default(flower: str, worker: Proc, sluice_env: dict[str, str]) -> None:
+    """Flower's shutdown and pool buttons reach the workers but change nothing."""
+    auth = ("ops", "s3cret")
+    names = wait_for(lambda: list(json.loads(_get(flower + "/api/workers", auth)[1])), 20,
+                     "Flower to see a worker")
+    name = names[0]
+    req = urllib.request.Request(f"{flower}/api/worker/shutdown/{name}", method="POST",
+                                 headers={"Authorization": "Basic "
+                                          + base64.b64encode(b"ops:s3cret").decode()})
+    try:
+        urllib.request.urlopen(req, timeout=10).close()
+    except urllib.error.HTTPError as e:
+        e.close()
+    wait_for(lambda: "pidbox command error: KeyError('shutdown')" in worker.log(), 10,
+             "the worker to refuse the command")
+    assert worker.popen.poll() is None, "the worker obeyed a shutdown from Flower"

@@ -96,7 +96,29 @@ def create_celery(settings: Settings | None = None) -> Celery:
         worker_send_task_events=True,
     )
     app.sluice = Runtime(settings)  # type: ignore[attr-defined]
+    if not settings.remote_control:
+        make_control_read_only()
     return app
+
+
+#: Control commands that change a worker; inspect commands (what Flower lists
+#: workers and tasks with) and event switches stay.
+MUTATING_COMMANDS = ("revoke", "revoke_by_stamped_headers", "terminate", "rate_limit",
+                     "time_limit", "pool_grow", "pool_shrink", "pool_restart", "autoscale",
+                     "shutdown", "add_consumer", "cancel_consumer")
+
+
+def make_control_read_only() -> None:
+    """Make this process's workers ignore control commands that would change them.
+
+    Flower has no read-only mode; with these gone its buttons do nothing, and
+    jobs are cancelled through Sluice (``cancel``), never by revoking tasks.
+    """
+    from celery.worker.control import Panel
+
+    for name in MUTATING_COMMANDS:
+        Panel.data.pop(name, None)
+        Panel.meta.pop(name, None)
 
 
 @worker_ready.connect
