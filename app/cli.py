@@ -11,6 +11,7 @@ from urllib.parse import urlparse
 
 import click
 
+from app.bench.cli import bench
 from app.cli_keys import keys, usage
 from workers.redis_server import RedisServer, answers, free_port
 
@@ -24,6 +25,7 @@ def main() -> None:
 
 main.add_command(keys)
 main.add_command(usage)
+main.add_command(bench)
 
 
 @main.command()

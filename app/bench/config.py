@@ -91,8 +91,6 @@ class BenchConfig:
     direct_api_key: str = "sk-bench"
     model: str = "mock-1"
     direct_model: str | None = None
-    #: ``fast`` (the lean HTTP/SSE reader) or ``sdk`` (the official openai SDK).
-    direct_client: str = "fast"
     input_tokens: int = 32
     output_tokens: int = 50
     prompts_file: Path | None = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Callable
 from time import perf_counter
 from typing import Any, cast
@@ -13,15 +14,18 @@ import openai
 from app.bench.config import BenchError
 from app.bench.record import Stream
 
+#: SDK clients (connection pools) the lanes are spread over; request N of lane L uses L % POOLS.
+POOLS = 16
+
 
 class DirectClient:
-    """One ``AsyncOpenAI`` client with an unbounded connection pool, shared by every stream.
+    """Streams chat completions with ``openai.AsyncOpenAI``, shared by every lane of a step.
 
-    Chunks go through the SDK's own request path (``client.post`` with
-    ``cast_to=object``): its HTTP, errors and SSE decoding, but each chunk left
-    as the decoded JSON dict.  Typed ``ChatCompletionChunk`` objects cost
-    several times more CPU per chunk, and at 1,000 streams that CPU is client
-    latency (see ``MEASURING.rst``).
+    Requests go through the SDK's documented custom-request path
+    (``client.post(..., cast_to=object, stream=True)``): the SDK's HTTP, errors
+    and SSE decoding, with each chunk left as its decoded JSON dict.  Typed
+    ``ChatCompletionChunk`` objects cost more CPU per chunk, and at 1,000
+    streams the bench's CPU is latency it adds (see ``MEASURING.rst``).
 
     Example::
 
@@ -34,11 +38,17 @@ class DirectClient:
         self.base_url = base_url
         self.model = model
         self.counted = counted
-        http = openai.DefaultAsyncHttpxClient(
-            limits=httpx2.Limits(max_connections=None, max_keepalive_connections=4096),
-            trust_env=False)
-        self.client = openai.AsyncOpenAI(base_url=base_url, api_key=api_key, max_retries=0,
-                                         http_client=http)
+        # httpx's pool walks all its connections whenever a request starts or
+        # ends: with one pool of 1,000 connections that was a quarter of the
+        # bench's CPU.  So lanes are spread over several clients, each with its
+        # own pool, sharing one TLS context (loading the CAs takes ~20 ms).
+        tls = httpx2.create_ssl_context(trust_env=False)
+        self.clients = [openai.AsyncOpenAI(
+            base_url=base_url, api_key=api_key, max_retries=0,
+            http_client=openai.DefaultAsyncHttpxClient(
+                limits=httpx2.Limits(max_connections=None, max_keepalive_connections=4096),
+                verify=tls, trust_env=False))
+            for _ in range(POOLS)]
 
     async def request(self, stream: Stream, t_step0: float, timeout_s: float) -> None:
         """Stream one chat completion, timing every chunk that carries text."""
@@ -51,7 +61,7 @@ class DirectClient:
         stream.sent(t_step0)
         try:
             async with asyncio.timeout(timeout_s):
-                chunks = await self.client.post(
+                chunks = await self.clients[stream.rec.conn % POOLS].post(
                     "/chat/completions", body=body, cast_to=object,
                     options={"timeout": timeout_s}, stream=True,
                     stream_cls=openai.AsyncStream[object])
@@ -78,8 +88,12 @@ class DirectClient:
         except openai.APITimeoutError:
             stream.fail("timeout", "the request timed out", perf_counter())
             return
-        except (openai.APIError, httpx2.HTTPError, OSError) as e:
-            stream.fail("connection_error", f"{type(e).__name__}: {e}", perf_counter())
+        except (openai.APIConnectionError, httpx2.HTTPError, OSError) as e:
+            inner = e.__cause__ or e  # "Connection error." says less than httpx's reason
+            stream.fail("connection_error", f"{type(inner).__name__}: {inner}", perf_counter())
+            return
+        except openai.APIError as e:  # an error event inside the stream
+            stream.fail("stream_error", e.message, perf_counter())
             return
         if reason is None:
             stream.fail("stream_broken", "the stream ended without a finish_reason",
@@ -93,7 +107,7 @@ class DirectClient:
         :raises BenchError: the endpoint cannot be reached or rejects the key.
         """
         try:
-            await self.client.models.list(timeout=timeout_s)
+            await self.clients[0].models.list(timeout=timeout_s)
         except openai.NotFoundError:
             return  # some servers have no /models; the first request will tell
         except openai.APIStatusError as e:
@@ -103,14 +117,17 @@ class DirectClient:
             raise BenchError(f"cannot reach {self.base_url}: {_reason(e)}") from None
 
     async def close(self) -> None:
-        """Close the connection pool."""
-        await self.client.close()
+        """Close the connection pools."""
+        await asyncio.gather(*(c.close() for c in self.clients))
 
 
 def _reason(e: BaseException) -> str:
+    # The OSError under the SDK's and httpx's wrappers says it best ("connection refused").
     cause: BaseException | None = e
     while cause is not None:
-        if isinstance(cause, OSError) and cause.strerror:
-            return cause.strerror
+        if isinstance(cause, OSError) and (cause.errno or cause.strerror):
+            # asyncio's strerror is "Connect call failed (...)"; DNS errnos are negative.
+            return os.strerror(cause.errno).lower() if cause.errno and cause.errno > 0 \
+                else str(cause.strerror)
         cause = cause.__cause__ or cause.__context__
     return str(e) or type(e).__name__

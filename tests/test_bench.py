@@ -1,0 +1,191 @@
+"""``sluice bench`` against real parts: the mock model, a stack it starts itself, a running Sluice."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+
+from tests.conftest import ROOT, Proc, start_mock, wait_for
+
+BENCH = [sys.executable, "-m", "app.bench"]
+
+
+def bench(*args: str, timeout_s: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run ``sluice bench`` as a user would, in a child process."""
+    return subprocess.run([*BENCH, "--no-progress", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout_s)
+
+
+def results(out: Path) -> dict[str, Any]:
+    return json.loads((out / "results.json").read_text())
+
+
+def step(data: dict[str, Any], label: str, target: str) -> dict[str, Any]:
+    return next(s for s in data["steps"] if s["label"] == label and s["target"] == target)
+
+
+def answers(url: str) -> bool:
+    """Whether anything still accepts connections at the URL's host and port."""
+    u = urlsplit(url)
+    try:
+        with socket.create_connection((u.hostname, u.port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def stack_gone(stack: dict[str, Any]) -> bool:
+    """No port of the bench's stack answers and no worker of it is alive."""
+    urls = [*stack["urls"], stack["mock_url"], stack["redis_url"]]
+    names = stack["worker_names"]
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    return not any(answers(u) for u in urls) and not any(n in ps for n in names)
+
+
+@pytest.fixture(scope="module")
+def timed_mock(start_proc: Callable[..., Proc]) -> str:
+    """A mock with TTFT 100 ms and 20 ms between tokens."""
+    return start_mock(start_proc, ttft_ms=100, itl_ms=20, output_tokens=20)[1]
+
+
+def test_direct_mode_measures_the_mock_timing(timed_mock: str, tmp_path: Path) -> None:
+    """TTFT and TPOT measured straight at the mock match its configured 100 ms and 20 ms."""
+    run = bench("--direct", timed_mock, "--concurrency", "4",
+                "--requests", "16", "--output-tokens", "20", "--verify-text", "count",
+                "--slo", "ttft:1000 tpot:50", "--out", str(tmp_path))
+    assert run.returncode == 0, run.stderr
+    agg = step(results(tmp_path), "concurrency=4", "direct")["aggregate"]
+    assert agg["ok"] == 16 and agg["errors"] == {} and agg["mismatch"] == 0
+    assert 100 <= agg["ttft_ms"]["p50"] <= 150, agg["ttft_ms"]
+    assert abs(agg["tpot_ms"]["p50"] - 20) <= 8, agg["tpot_ms"]
+    assert abs(agg["itl_ms"]["p50"] - 20) <= 8, agg["itl_ms"]
+    assert agg["goodput"]["requests"] == 16
+    assert "concurrency=4 direct" in run.stdout and "TTFT p50" in run.stdout
+
+
+def test_start_stack_reports_added_latency_cpu_and_files(tmp_path: Path) -> None:
+    """A private stack, 20 sockets at once, compared with the mock: no loss, CPU per token, files."""
+    run = bench("--start-stack", "--compare-direct", "--sockets", "20", "--webs", "2",
+                "--mock-ttft-ms", "50", "--mock-itl-ms", "10", "--mock-output-tokens", "10",
+                "--output-tokens", "10", "--worker-concurrency", "50", "--warmup", "2",
+                "--out", str(tmp_path))
+    assert run.returncode == 0, run.stderr
+    data = results(tmp_path)
+    sluice, direct = step(data, "sockets=20", "sluice"), step(data, "sockets=20", "direct")
+    for s in (sluice, direct):
+        agg = s["aggregate"]
+        assert agg["ok"] == 20 and agg["errors"] == {}, agg["errors"]
+        assert (agg["lost"], agg["dup"], agg["mismatch"]) == (0, 0, 0)
+        assert agg["tokens"] == 200
+    assert sluice["cpu"]["us_per_token"] > 0 and set(sluice["cpu"]["seconds"]) == {
+        "redis", "worker", "web"}
+    assert direct["cpu"] is None
+    assert data["added"]["0"]["ttft_ms"]["p50"] is not None
+    assert len(data["stack"]["urls"]) == 2  # sockets alternate between the two front ends
+    with (tmp_path / "summary.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["label"], r["target"]) for r in rows] == [("sockets=20", "sluice"),
+                                                         ("sockets=20", "direct")]
+    html = (tmp_path / "report.html").read_text()
+    assert html.count("<svg") >= 3 and "http://" not in html.split("<body>")[0]
+    assert "<script" not in html and "<link" not in html and "<img" not in html
+    assert "Added by Sluice" in run.stdout and "CPU us/tok" in run.stdout
+    assert stack_gone(data["stack"])
+
+
+def test_ctrl_c_reports_what_was_measured_and_stops_the_stack(tmp_path: Path) -> None:
+    """SIGINT mid-step: exit 130, a summary and files for what finished, no process left."""
+    proc = subprocess.Popen([*BENCH, "--start-stack", "--sockets", "10", "--sockets", "10",
+                             "--mock-ttft-ms", "20", "--mock-itl-ms", "100",
+                             "--mock-output-tokens", "200", "--output-tokens", "200",
+                             "--warmup", "1", "--out", str(tmp_path)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stderr is not None
+        # The progress line (every 2 s when stderr is not a terminal) says the step is running.
+        wait_for(lambda: "[sockets=10 sluice]" in proc.stderr.readline(), 40, "the first step")
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err
+    assert "sockets=10 sluice" in out
+    data = results(tmp_path)
+    assert data["interrupted"] and len(data["steps"]) == 1
+    assert data["steps"][0]["aggregate"]["errors"] == {"interrupted": 10}
+    assert data["steps"][0]["aggregate"]["ttft_ms"]["n"] == 10
+    assert stack_gone(data["stack"])
+
+
+def test_killed_bench_takes_its_stack_with_it(tmp_path: Path) -> None:
+    """kill -9 of the bench: the kernel ends every process of its stack."""
+    proc = subprocess.Popen([*BENCH, "--no-progress", "--start-stack", "--sockets", "5",
+                             "--mock-itl-ms", "200",
+                             "--warmup", "0", "--out", str(tmp_path)], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stderr is not None
+        wait_for(lambda: "step(s)" in proc.stderr.readline(), 30, "the stack to start")
+        logs = tmp_path / "logs"
+        mock_line = (logs / "mock.log").read_text()
+        mock_url = mock_line.split("listening on ", 1)[1].split()[0]
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stderr is not None:
+            proc.stderr.close()
+    ps = lambda: subprocess.run(["ps", "-eo", "args"], capture_output=True,  # noqa: E731
+                                text=True).stdout
+    wait_for(lambda: f"bench0-{proc.pid}@" not in ps() and not answers(mock_url), 15,
+             "the stack to die with the bench")
+
+
+def test_url_mode_against_a_running_sluice(web: str, api_key: str, tmp_path: Path) -> None:
+    """--url with a Poisson load at the session's front end: every token arrives once, in order."""
+    run = bench("--url", web, "--api-key", api_key, "--poisson", "20", "--burstiness", "0.5", "--requests", "12",
+                "--connections", "3", "--output-tokens", "6", "--verify-text", "count",
+                "--out", str(tmp_path))
+    assert run.returncode == 0, run.stderr
+    agg = step(results(tmp_path), "poisson=20/s b=0.5", "sluice")["aggregate"]
+    assert agg["ok"] == 12 and (agg["lost"], agg["dup"], agg["mismatch"]) == (0, 0, 0)
+    assert agg["queue_ms"]["n"] == 12 and agg["ttft_ms"]["p50"] >= 40
+
+
+def test_unreachable_targets_fail_with_one_clear_line() -> None:
+    """A URL nobody answers: exit 2 and one line saying so, no traceback."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # bound, not listening: connections are refused
+        for args in (["--url", f"ws://127.0.0.1:{port}/ws"],
+                     ["--direct", f"http://127.0.0.1:{port}/v1"]):
+            run = bench(*args, "--sockets", "1")
+            assert run.returncode == 2
+            errors = [line for line in run.stderr.splitlines() if "error:" in line]
+            assert len(errors) == 1 and "connection refused" in errors[0], run.stderr
+            assert "Traceback" not in run.stderr
+    run = bench("--sockets", "1")
+    assert run.returncode == 2 and "give exactly one target" in run.stderr
+
+
+def test_a_wrong_api_key_is_named_not_traced(web: str) -> None:
+    """The front end refuses the key: exit 2 with the server's reason."""
+    run = bench("--url", web, "--api-key", "sk-wrong", "--sockets", "1")
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert "401" in run.stderr or "unauthorized" in run.stderr, run.stderr
