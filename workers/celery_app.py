@@ -79,7 +79,11 @@ def create_celery(settings: Settings | None = None) -> Celery:
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
-        broker_transport_options={"visibility_timeout": settings.visibility_timeout_s},
+        # Hundreds of greenlets ack at once: kombu's default pool of 10 Redis
+        # connections runs dry, and the consumer then drops its connection
+        # (and the messages it had prefetched) as if the broker were down.
+        broker_transport_options={"visibility_timeout": settings.visibility_timeout_s,
+                                  "max_connections": settings.worker_concurrency + 50},
         broker_connection_retry_on_startup=True,
         task_ignore_result=True,
         task_default_queue=settings.queue,
