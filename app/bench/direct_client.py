@@ -25,7 +25,7 @@ class DirectClient:
     (``client.post(..., cast_to=object, stream=True)``): the SDK's HTTP, errors
     and SSE decoding, with each chunk left as its decoded JSON dict.  Typed
     ``ChatCompletionChunk`` objects cost more CPU per chunk, and at 1,000
-    streams the bench's CPU is latency it adds (see ``MEASURING.rst``).
+    streams the bench's CPU is latency it adds (see README.rst, "Measuring Sluice").
 
     Example::
 
