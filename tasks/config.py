@@ -56,6 +56,8 @@ class Settings:
     anonymous_tier: str = "free"
     #: A raw API key to register at start-up (``sluice run`` sets one for the demo).
     demo_key: str = ""
+    #: Workers publish Celery task events (what Flower shows tasks from).
+    task_events: bool = True
     #: Accept Celery control commands that change workers (revoke, shutdown, pool
     #: resize…) from Flower or ``celery control``; off keeps Flower read-only.
     remote_control: bool = False

@@ -97,7 +97,7 @@ def create_celery(settings: Settings | None = None) -> Celery:
         # No task-sent events: they cost the front end an extra publish per
         # job; Flower still sees every task from the workers' own events.
         task_send_sent_event=False,
-        worker_send_task_events=True,
+        worker_send_task_events=settings.task_events,
     )
     app.sluice = Runtime(settings)  # type: ignore[attr-defined]
     if not settings.remote_control:
