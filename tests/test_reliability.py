@@ -183,3 +183,19 @@ def test_relay_survives_its_pubsub_connection_being_killed(
     ev = c.finish({job_id})[job_id]
     assert [e["seq"] for e in ev] == list(range(len(ev)))
     assert text_of(ev) == expected_text("through a storm", 30, SLOW_CONFIG)
+
+
+def test_warm_shutdown_lets_running_streams_finish(start_proc: Callable[..., Proc],
+                                                   slow_env: dict[str, str], slow_web: str,
+                                                   connect: Callable[..., Client]) -> None:
+    """SIGTERM to a worker mid-stream: the stream runs to its end, then the worker exits."""
+    worker = start_worker(start_proc, {**slow_env, "SLUICE_WORKER_CONCURRENCY": "5"}, "retiring")
+    c = connect(slow_web)
+    c.send(type="generate", prompt="finish before you go", max_tokens=20)
+    job_id = c.recv()["job_id"]
+    c.until(lambda f: f.get("type") == "token")
+    worker.popen.send_signal(signal.SIGTERM)
+    ev = c.finish({job_id})[job_id]
+    assert ev[-1]["type"] == "done" and "restart" not in [e["type"] for e in ev]
+    assert text_of(ev) == expected_text("finish before you go", 20, SLOW_CONFIG)
+    assert worker.popen.wait(15) == 0
