@@ -122,7 +122,7 @@ def render(result: BenchResult) -> str:
              "<h1>sluice bench</h1>",
              f"<p class='meta'>{escape(env['time'])} on {escape(str(env['host']))} "
              f"({env['cpus']} CPUs, Python {escape(env['python'])})<br>"
-             f"<code>{escape(' '.join(['sluice bench', *env['argv'][1:]]))}</code></p>"]
+             f"<code>{escape(_command(env['argv']))}</code></p>"]
     parts.extend(f"<p class='note'>{escape(n)}</p>" for n in notes(result))
     parts.append("<h2>Latency (ms)</h2><p class='meta'>TTFT: request sent to first token "
                  "received. TPOT: (last token - first token) / (tokens - 1). ITL: gaps "
@@ -157,3 +157,9 @@ def render(result: BenchResult) -> str:
         [k, str(v)] for k, v in _config(result).items()])))
     parts.append("</body></html>\n")
     return "".join(parts)
+
+
+def _command(argv: list[str]) -> str:
+    """The command line as a user types it, whether run as ``sluice bench`` or ``-m app.bench``."""
+    args = argv[2:] if argv[1:2] == ["bench"] else argv[1:]
+    return " ".join(["sluice bench", *args])
