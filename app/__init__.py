@@ -20,14 +20,14 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
         gunicorn -k gevent 'app:create_app()'
     """
     from app import health, metrics, usage, ws
-    from app.gateway import Gateway
+    from app.frontend import FrontEnd
 
     settings = Settings.from_env(**(test_config or {}))
     app = Flask(__name__)
     app.config.from_mapping(
         SOCK_SERVER_OPTIONS={"ping_interval": 25, "max_message_size": settings.max_frame_bytes},
     )
-    app.extensions["sluice"] = Gateway(settings)
+    app.extensions["sluice"] = FrontEnd.build(settings)
     ws.sock.init_app(app)
     app.register_blueprint(ws.bp)
     app.register_blueprint(health.bp)

@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import redis
@@ -28,7 +27,6 @@ from tasks.jobs import JobSpec
 from tasks.limits import Limits
 from tasks.tokens import count_message_tokens
 
-FAIL_OPEN_ENV = "SLUICE_ADMISSION_FAIL_OPEN"
 HTTP_STATUS = {"rate_limited": 429, "concurrency_limit": 429, "too_large": 400,
                "model_not_allowed": 403, "unavailable": 503}
 
@@ -72,14 +70,13 @@ class AdmissionRejectedError(Exception):
 
 @dataclass(frozen=True)
 class Admitted:
-    """An admitted request: the job must be created under ``job_id`` with ``max_tokens``."""
+    """An admitted request: the job must be created under ``job_id`` as ``spec``."""
 
     job_id: str
-    key_id: str
+    #: The job as it must run: owner, output cap and queue filled in.
+    spec: JobSpec
     tier: str
     prompt_tokens: int
-    #: The job's output cap: the request's max_tokens, or the tier's default allowance.
-    max_tokens: int
     reserved_tokens: int
     #: The key's figures after this reservation; ``None`` when admitted without Redis.
     limits: Limits | None
@@ -100,8 +97,10 @@ class Admission:
 
     def __init__(self, client: redis.Redis, tiers: Mapping[str, Tier], *, job_ttl_s: int,
                  slot_ttl_s: float, fail_open: bool = False,
-                 usage_ttl_s: int = USAGE_TTL_S) -> None:
+                 usage_ttl_s: int = USAGE_TTL_S, queue: str = "sluice") -> None:
         self.tiers = dict(tiers)
+        #: The Celery queue admitted jobs run on.
+        self.queue = queue
         self.budget = Budget(client, usage_ttl_s=usage_ttl_s)
         self.job_ttl_s = job_ttl_s
         self.slot_ttl_s = slot_ttl_s
@@ -109,26 +108,20 @@ class Admission:
         self.fail_open = fail_open
 
     @classmethod
-    def from_settings(cls, settings: Settings, client: redis.Redis | None = None,
-                      env: Mapping[str, str] | None = None) -> Admission:
-        """Build the admission controller of a process from its settings and environment.
+    def from_settings(cls, settings: Settings, client: redis.Redis | None = None) -> Admission:
+        """Build the admission controller of a process from its settings.
 
-        Uses ``settings.tiers_file`` (``SLUICE_TIERS_FILE``, see :mod:`app.tiers`) and
-        ``settings.admission_fail_open`` (``SLUICE_ADMISSION_FAIL_OPEN``).  A
-        reservation lives as long as the job record; a concurrency slot is
-        reclaimed ``2 * job_timeout_s`` after its last admission or :meth:`touch`
-        if the job never settles.
+        Uses ``settings.tiers_file`` (see :mod:`app.tiers`) and
+        ``settings.admission_fail_open``.  A reservation lives as long as the
+        job record; a concurrency slot is reclaimed ``settings.slot_ttl_s``
+        after its last renewal if the job never settles.
 
         :param client: the process's Redis client; a new one when ``None``.
         :raises app.tiers.TierConfigError: the tiers file is bad.
         """
-        env = os.environ if env is None else env
-        fail_open = settings.admission_fail_open or env.get(FAIL_OPEN_ENV, "0").lower() in (
-            "1", "true", "yes", "on")
-        return cls(client or settings.redis_client(),
-                   load_tiers(settings.tiers_file or None, env=env),
-                   job_ttl_s=settings.job_timeout_s + settings.event_ttl_s,
-                   slot_ttl_s=2 * settings.job_timeout_s, fail_open=fail_open)
+        return cls(client or settings.redis_client(), load_tiers(settings.tiers_file or None),
+                   job_ttl_s=settings.job_ttl_s, slot_ttl_s=settings.slot_ttl_s,
+                   fail_open=settings.admission_fail_open, queue=settings.queue)
 
     def tier_of(self, key: KeyInfo) -> Tier:
         """The tier of ``key``.
@@ -150,7 +143,7 @@ class Admission:
         :param max_tokens_given: whether the client set ``max_tokens``; when not, the
             tier's default output allowance replaces ``spec.max_tokens``.
         :param job_id: the id the job will have; a new one when ``None``.
-        :return: the reservation; the job must use ``job_id`` and ``max_tokens`` from it.
+        :return: the reservation; the job must be stored as its ``job_id`` and ``spec``.
         :raises AdmissionRejectedError: ``model_not_allowed``, ``too_large``,
             ``rate_limited`` (with ``retry_after``), ``concurrency_limit``, or
             ``unavailable`` when Redis cannot be reached and the gateway fails closed.
@@ -176,6 +169,7 @@ class Admission:
                                          f"the {tier.name!r} tier's bucket of "
                                          f"{tier.tokens_per_minute}")
         job_id = job_id or uuid.uuid4().hex
+        spec = replace(spec, max_tokens=max_tokens, owner=key.key_id, queue=self.queue)
         try:
             res = self.budget.reserve(key.key_id, job_id, need, tier.rates,
                                       prompt_tokens=prompt, slot_ttl_ms=self._slot_ttl_ms,
@@ -183,15 +177,14 @@ class Admission:
         except DuplicateReservationError:
             # Our own reserve, retried by the Redis client after its reply was
             # lost: the first call went through.
-            return Admitted(job_id, key.key_id, tier.name, prompt, max_tokens, need, None)
+            return Admitted(job_id, spec, tier.name, prompt, need, None)
         except (redis.ConnectionError, redis.TimeoutError) as e:
             if self.fail_open:
-                return Admitted(job_id, key.key_id, tier.name, prompt, max_tokens, need, None,
-                                enforced=False)
+                return Admitted(job_id, spec, tier.name, prompt, need, None, enforced=False)
             raise AdmissionRejectedError("unavailable", "the gateway cannot reach Redis to "
                                          "check rate limits; retry shortly") from e
         if res.admitted:
-            return Admitted(job_id, key.key_id, tier.name, prompt, max_tokens, need, res.limits)
+            return Admitted(job_id, spec, tier.name, prompt, need, res.limits)
         raise _refusal(res.verdict, need, res.retry_after_s, res.limits, tier)
 
     def settle(self, job_id: str, prompt_tokens: int | None,
@@ -204,10 +197,6 @@ class Admission:
         :raises redis.RedisError: Redis cannot be reached; call again later.
         """
         return self.budget.settle(job_id, prompt_tokens, completion_tokens)
-
-    def touch(self, job_id: str) -> bool:
-        """Renew a running job's concurrency slot; return whether it still holds one."""
-        return self.budget.touch(job_id, self._slot_ttl_ms)
 
     def limits(self, key: KeyInfo) -> Limits:
         """The key's current figures, for ``x-ratelimit-*`` headers on any response."""

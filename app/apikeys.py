@@ -175,3 +175,44 @@ def _info(key_id: str, fields: dict[str, str]) -> KeyInfo | None:
     revoked = fields.get("revoked_ms")
     return KeyInfo(key_id, fields["name"], fields["tier"], int(fields["created_ms"]),
                    fields["state"], int(revoked) if revoked else None)
+
+
+def bearer_token(header: str) -> str | None:
+    """The key of an ``Authorization: Bearer <key>`` header value, if it holds one."""
+    scheme, _, token = header.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+class Authenticator:
+    """Says who an API key stands for on this gateway.
+
+    Example::
+
+        auth = Authenticator(KeyStore(client), allow_anonymous=False)
+        key = auth.authenticate(raw)      # None: refuse
+    """
+
+    def __init__(self, store: KeyStore, *, allow_anonymous: bool = False,
+                 anonymous_tier: str = "free", demo_key: str = "") -> None:
+        self.store = store
+        self.allow_anonymous = allow_anonymous
+        self.anonymous_tier = anonymous_tier
+        self.demo_key = demo_key
+
+    def authenticate(self, raw_key: str | None) -> KeyInfo | None:
+        """The identity behind an API key, or ``None`` if it may not use the gateway.
+
+        No key means anonymous, when that is enabled.  ``sluice run``'s demo key
+        is registered on its first use.
+
+        :raises redis.RedisError: Redis cannot be reached.
+        """
+        if raw_key is None:
+            return anonymous_key(self.anonymous_tier) if self.allow_anonymous else None
+        info = self.store.verify(raw_key)
+        if info is None and self.demo_key and raw_key == self.demo_key:
+            try:
+                info = self.store.create("demo", "pro", raw=raw_key)[1]
+            except ValueError:
+                return None  # the demo key was revoked
+        return info

@@ -1,6 +1,6 @@
 """Rate-limit tiers: what an API key may use, read from a TOML file.
 
-The file named by ``SLUICE_TIERS_FILE`` holds one table per tier; every
+The file named by ``SLUICE_TIERS_FILE`` (``Settings.tiers_file``) holds one table per tier; every
 field is optional and falls back to the built-in tier of the same name, or,
 for a new tier, to ``free``::
 
@@ -19,7 +19,6 @@ Without a file, :data:`DEFAULT_TIERS` apply.
 
 from __future__ import annotations
 
-import os
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
@@ -28,7 +27,6 @@ from typing import Any
 
 from tasks.limits import Rates
 
-ENV_VAR = "SLUICE_TIERS_FILE"
 ALL_MODELS = "*"
 
 
@@ -79,25 +77,20 @@ _COUNTS = ("tokens_per_minute", "requests_per_minute", "max_concurrent_jobs",
            "max_prompt_tokens", "max_output_tokens", "default_output_tokens")
 
 
-def load_tiers(path: str | Path | None = None,
-               env: Mapping[str, str] | None = None) -> dict[str, Tier]:
-    """Read the tiers: from ``path``, else the file ``SLUICE_TIERS_FILE`` names, else defaults.
+def load_tiers(path: str | Path | None = None) -> dict[str, Tier]:
+    """Read the tiers from ``path`` (``Settings.tiers_file``), or the defaults without one.
 
-    :param path: a TOML file; ``None`` to look at the environment.
-    :param env: the environment to read; ``os.environ`` when ``None``.
+    :param path: a TOML file; ``None`` for the built-in tiers.
     :return: tiers by name, the built-in ones included unless the file redefines them.
     :raises TierConfigError: the file is missing, is not TOML, or holds a bad value.
 
     Example::
 
-        tiers = load_tiers()               # honours SLUICE_TIERS_FILE
+        tiers = load_tiers(Settings.from_env().tiers_file or None)
         tiers["pro"].tokens_per_minute
     """
-    env = os.environ if env is None else env
     if path is None:
-        path = env.get(ENV_VAR) or None
-        if path is None:
-            return dict(DEFAULT_TIERS)
+        return dict(DEFAULT_TIERS)
     try:
         with open(path, "rb") as f:
             data = tomllib.load(f)

@@ -9,8 +9,8 @@ from flask import Blueprint, current_app, jsonify, request
 from flask.typing import ResponseReturnValue
 
 from app import metrics
-from app.gateway import Gateway
-from app.ws import bearer_token
+from app.apikeys import bearer_token
+from app.frontend import FrontEnd
 
 bp = Blueprint("usage", __name__)
 MAX_DAYS = 90
@@ -22,20 +22,20 @@ def usage() -> ResponseReturnValue:
 
     Answers with the OpenAI-style ``x-ratelimit-*`` headers; 401 without a valid key.
     """
-    gw: Gateway = current_app.extensions["sluice"]
+    front: FrontEnd = current_app.extensions["sluice"]
     days = request.args.get("days", "7")
     if not days.isdigit() or not 1 <= int(days) <= MAX_DAYS:
         return _error(400, "bad_field", f"'days' must be an integer within 1..{MAX_DAYS}, "
                       f"got {days!r:.20}")
     try:
-        key = gw.authenticate(bearer_token())
+        key = front.auth.authenticate(bearer_token(request.headers.get("Authorization", "")))
         if key is None:
             metrics.REQUESTS_REJECTED.labels("unauthorized").inc()
             return _error(401, "unauthorized", "send a valid API key as 'Authorization: Bearer'")
-        limits = gw.admission.limits(key)
+        limits = front.admission.limits(key)
         body = {"key_id": key.key_id, "name": key.name, "tier": key.tier,
                 "limits": limits.as_dict(),
-                "days": [asdict(d) for d in gw.admission.usage(key.key_id, int(days))]}
+                "days": [asdict(d) for d in front.admission.usage(key.key_id, int(days))]}
     except redis.RedisError:
         return _error(503, "unavailable", "the gateway cannot reach Redis; retry shortly")
     return jsonify(body), 200, limits.headers()

@@ -17,24 +17,20 @@ from simple_websocket import ConnectionClosed
 
 from app import metrics
 from app.admission import AdmissionRejectedError
-from app.apikeys import KeyInfo
-from app.gateway import Gateway
+from app.apikeys import Authenticator, KeyInfo, bearer_token
+from app.frontend import FrontEnd
+from app.intake import Intake
 from app.protocol import Auth, Cancel, Generate, ProtocolError, Resume, parse
-from tasks.events import TERMINAL, frame_kind
-from tasks.jobs import FINAL
+from app.relay import Relay
+from tasks.config import Settings
+from tasks.events import TERMINAL, EventLog, frame_kind
+from tasks.jobs import FINAL, JobStore
 
 log = logging.getLogger(__name__)
 sock = Sock()
 bp = Blueprint("ws", __name__)
 OUTBOX_FRAMES = 10_000
 UNAUTHORIZED = 4401
-
-
-def bearer_token() -> str | None:
-    """The key of an ``Authorization: Bearer`` header, if any."""
-    header = request.headers.get("Authorization", "")
-    scheme, _, token = header.partition(" ")
-    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
 
 
 @bp.before_request
@@ -44,10 +40,10 @@ def authenticate_handshake() -> ResponseReturnValue | None:
     A handshake without one is accepted; its first frame must then be ``auth``
     (browsers cannot set headers on a WebSocket), unless anonymous use is on.
     """
-    gw: Gateway = current_app.extensions["sluice"]
-    token = bearer_token()
+    front: FrontEnd = current_app.extensions["sluice"]
+    token = bearer_token(request.headers.get("Authorization", ""))
     try:
-        g.sluice_key = gw.authenticate(token)
+        g.sluice_key = front.auth.authenticate(token)
     except redis.RedisError:
         return jsonify(error={"code": "unavailable", "message": "cannot reach Redis"}), 503
     if token is not None and g.sluice_key is None:
@@ -66,9 +62,15 @@ class Connection:
     Redis, not in this process.
     """
 
-    def __init__(self, ws: Any, gateway: Gateway, key: KeyInfo | None) -> None:
+    def __init__(self, ws: Any, *, settings: Settings, auth: Authenticator, intake: Intake,
+                 jobs: JobStore, events: EventLog, relay: Relay, key: KeyInfo | None) -> None:
         self.ws = ws
-        self.gw = gateway
+        self.settings = settings
+        self.auth = auth
+        self.intake = intake
+        self.jobs = jobs
+        self.events = events
+        self.relay = relay
         #: Who the socket acts for; ``None`` until an ``auth`` frame succeeds.
         self.key = key
         self.outbox: Queue[tuple[str, str, int, str]] = Queue(OUTBOX_FRAMES)
@@ -101,8 +103,8 @@ class Connection:
             metrics.OPEN_SOCKETS.dec()
             metrics.FOLLOWED_JOBS.dec(len(self.following))
             for job_id in list(self.following):
-                self.gw.relay.unfollow(job_id, self)
-            if self.gw.settings.cancel_on_disconnect:
+                self.relay.unfollow(job_id, self)
+            if self.settings.cancel_on_disconnect:
                 self._cancel_unfinished()
 
     def _writer_died(self, writer: gevent.Greenlet) -> None:
@@ -116,7 +118,7 @@ class Connection:
     def _cancel_unfinished(self) -> None:
         try:
             for job_id in self.following:
-                self.gw.jobs.request_cancel(job_id)
+                self.jobs.request_cancel(job_id)
         except redis.RedisError as e:
             log.warning("could not cancel the jobs of a closed socket: %s", e)
 
@@ -124,7 +126,7 @@ class Connection:
     def _handle(self, text: str | bytes) -> bool:
         """Serve one frame; return False when the socket must close."""
         try:
-            req = parse(text, self.gw.settings)
+            req = parse(text, self.settings)
         except ProtocolError as e:
             self._reject(e)
             return True
@@ -153,7 +155,7 @@ class Connection:
         return True
 
     def _auth(self, req: Auth) -> bool:
-        key = self.gw.authenticate(req.key)
+        key = self.auth.authenticate(req.key)
         if key is None:
             return self._unauthorized(req.ref, "invalid or revoked API key")
         self.key = key
@@ -173,30 +175,23 @@ class Connection:
     def _generate(self, req: Generate) -> None:
         accepted = time.monotonic()
         assert self.key is not None
-        # Admission comes before anything is stored or enqueued: a refused
-        # request costs no worker time.
-        admitted = self.gw.admission.admit(self.key, req.spec,
-                                           max_tokens_given=req.max_tokens_given)
-        req.spec.max_tokens = admitted.max_tokens
-        req.spec.owner = admitted.key_id
-        job_id = admitted.job_id
-        position = self.gw.submit(req.spec, job_id)
+        submitted = self.intake.submit(self.key, req.spec, max_tokens_given=req.max_tokens_given)
+        job_id = submitted.job_id
         metrics.JOBS_SUBMITTED.inc()
         self.accepted_at[job_id] = accepted
         queued: dict[str, Any] = {"type": "queued", "ref": req.ref, "job_id": job_id,
-                                  "position": position}
-        if admitted.limits is not None:
-            queued["limits"] = admitted.limits.as_dict()
+                                  "position": submitted.position}
+        if submitted.limits is not None:
+            queued["limits"] = submitted.limits.as_dict()
         # ``queued`` goes into the outbox before the job can produce anything.
         self._send_now(json.dumps(queued))
-        if not req.spec.session or position == 0:
-            self.gw.enqueue(job_id, req.spec)
+        self.intake.start(submitted)
         # Following after enqueueing is safe: events come from the log once
         # the subscription is live.
         self._follow(job_id, 0)
 
     def _resume(self, req: Resume) -> None:
-        owner, status, events = self.gw.jobs.progress(req.job_id)
+        owner, status, events = self.jobs.progress(req.job_id)
         self._check_owner(req.job_id, owner)
         last = events - 1
         if req.after > last or (req.after == last and status in FINAL):
@@ -207,12 +202,12 @@ class Connection:
 
     def _cancel(self, req: Cancel) -> None:
         self._check_owner(req.job_id)
-        self.gw.jobs.request_cancel(req.job_id)
+        self.jobs.request_cancel(req.job_id)
 
     def _check_owner(self, job_id: str, owner: str | None = None) -> None:
         # Another key's job is answered like a missing one: ids do not leak.
         assert self.key is not None
-        if (owner or self.gw.jobs.owner_of(job_id)) != self.key.key_id:
+        if (owner or self.jobs.owner_of(job_id)) != self.key.key_id:
             raise ProtocolError("unknown_job", f"no job {job_id!r}: it never existed, its "
                                 "log has expired, or it belongs to another key")
 
@@ -221,7 +216,7 @@ class Connection:
             self.following[job_id] = min(self.following[job_id], next_seq)
             self._put(("catchup", job_id, 0, ""))
             return
-        self.gw.relay.follow(job_id, self)
+        self.relay.follow(job_id, self)
         self.following[job_id] = next_seq
         metrics.FOLLOWED_JOBS.inc()
 
@@ -289,7 +284,7 @@ class Connection:
         after = self.following.get(job_id)
         if after is None:
             return
-        for seq, frame in self.gw.events.read(job_id, after - 1):
+        for seq, frame in self.events.read(job_id, after - 1):
             if job_id not in self.following:
                 break
             self._deliver(job_id, seq, frame)
@@ -303,14 +298,17 @@ class Connection:
             ttft_s = time.monotonic() - self.accepted_at.pop(job_id)
             if kind == "token":
                 metrics.CLIENT_TTFT.observe(ttft_s)
-                self.gw.jobs.record_client_ttft(job_id, ttft_s * 1000)
+                self.jobs.record_client_ttft(job_id, ttft_s * 1000)
         if kind in TERMINAL:
             del self.following[job_id]
             metrics.FOLLOWED_JOBS.dec()
-            self.gw.relay.unfollow(job_id, self)
+            self.relay.unfollow(job_id, self)
 
 
-@sock.route("/ws", bp=bp)
+@sock.route("/ws", bp=bp)  # type: ignore[untyped-decorator]
 def websocket(ws: Any) -> None:
     """Serve one client socket (see the wire protocol in README.rst)."""
-    Connection(ws, current_app.extensions["sluice"], g.sluice_key).serve()
+    front: FrontEnd = current_app.extensions["sluice"]
+    Connection(ws, settings=front.settings, auth=front.auth, intake=front.intake,
+               jobs=front.jobs, events=front.events, relay=front.relay,
+               key=g.sluice_key).serve()

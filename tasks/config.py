@@ -72,6 +72,16 @@ class Settings:
         return tuple(m.strip() for m in self.models.split(",") if m.strip())
 
     @property
+    def job_ttl_s(self) -> int:
+        """How long an unfinished job's record, log and reservation may live."""
+        return self.job_timeout_s + self.event_ttl_s
+
+    @property
+    def slot_ttl_s(self) -> int:
+        """How long a concurrency slot outlives its last renewal if its job never settles."""
+        return 2 * self.job_timeout_s
+
+    @property
     def broker(self) -> str:
         """The Celery broker URL."""
         return self.broker_url or self.redis_url
@@ -109,10 +119,6 @@ class Settings:
                 continue
             values[f.name] = _parse(name, raw, type(getattr(cls, f.name)))
         return replace(cls(**values), **overrides)
-
-    def as_env(self) -> dict[str, str]:
-        """Render these settings as ``SLUICE_…`` environment variables for child processes."""
-        return {PREFIX + f.name.upper(): str(getattr(self, f.name)) for f in fields(self)}
 
 
 def _parse(name: str, raw: str, kind: type) -> Any:

@@ -15,8 +15,8 @@ from gevent.event import Event
 
 from tasks.events import Appended, LeaseLostError
 from tasks.jobs import FINAL, Job
-from workers import metrics
-from workers.provider import Finish, ProviderError
+from tasks.queue import TASK_NAME
+from tasks.runtime import Finish, ProviderError, Report, Runtime
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +25,7 @@ class AttemptAbandonedError(RuntimeError):
     """Redis stayed out of reach; the job is left to be re-run when its lease runs out."""
 
 
-@shared_task(name="sluice.generate", bind=True, acks_late=True, reject_on_worker_lost=True,
+@shared_task(name=TASK_NAME, bind=True, acks_late=True, reject_on_worker_lost=True,  # type: ignore[untyped-decorator]
              ignore_result=True, max_retries=None)
 def generate(self: Task, job_id: str) -> None:
     """Run job ``job_id``: stream the provider's answer into the job's event log.
@@ -35,13 +35,13 @@ def generate(self: Task, job_id: str) -> None:
     instead of generating beside it.  If the attempt fails unexpectedly, its
     lease is kept until it runs out, so the reaper re-runs the job.
     """
-    rt = self.app.sluice  # type: ignore[attr-defined]
+    rt: Runtime = self.app.sluice
     job = rt.jobs.get(job_id)
     if job is None:
         log.warning("job %s expired before it ran", job_id)
         return
     if job.status in FINAL:
-        _start_next(self, job)
+        _start_next(rt, job)
         return
     token = uuid.uuid4().hex
     held = rt.jobs.take_lease(job_id, token, rt.settings.lease_ttl_s * 1000)
@@ -52,18 +52,13 @@ def generate(self: Task, job_id: str) -> None:
         rt.jobs.release_lease(job_id, token)
         if not ended:
             return  # another attempt owns the job now, and will end it
-    _start_next(self, job)
+    _start_next(rt, job)
 
 
-def _start_next(task: Task, job: Job) -> None:
+def _start_next(rt: Runtime, job: Job) -> None:
     """Start the next job of an ended job's chat session (idempotent)."""
-    if not job.spec.session:
-        return
-    jobs = task.app.sluice.jobs  # type: ignore[attr-defined]
-    nxt = jobs.advance_session(job.spec.owner, job.spec.session, job.job_id)
-    queue = jobs.queue_of(nxt) if nxt else None
-    if nxt and queue:
-        task.app.send_task("sluice.generate", args=[nxt], queue=queue)
+    if job.spec.session:
+        rt.dispatcher.start_next(job.spec.owner, job.spec.session, job.job_id)
 
 
 class Attempt:
@@ -77,7 +72,7 @@ class Attempt:
     is not logged twice.
     """
 
-    def __init__(self, rt: Any, job: Job, lease_token: str) -> None:
+    def __init__(self, rt: Runtime, job: Job, lease_token: str) -> None:
         self.rt = rt
         self.job = job
         self.token = lease_token
@@ -113,7 +108,6 @@ class Attempt:
         writer = gevent.spawn(self._write_tokens)
         self.reader = gevent.spawn(self._read)
         self.rt.attempts[jid] = self
-        metrics.IN_FLIGHT.inc()
         try:
             self.reader.join()
         finally:
@@ -123,41 +117,40 @@ class Attempt:
             writer.join()
             heartbeat.kill()
             self.rt.attempts.pop(jid, None)
-            metrics.IN_FLIGHT.dec()
         if self.abandoned:
             raise AttemptAbandonedError(f"job {jid}: Redis unreachable; left for a re-run")
         try:
             if not self.lease_lost:
-                self._end(attempt, started_ms, t_start)
+                self.rt.record(self._end(attempt, started_ms, t_start))
                 return True
         except LeaseLostError:
             pass
         log.warning("job %s: lease lost, another attempt owns it", jid)
+        self.rt.record(Report("lost", self.rt.provider.name))
         return False
 
-    def _end(self, attempt: int, started_ms: int, t_start: float) -> None:
+    def _end(self, attempt: int, started_ms: int, t_start: float) -> Report:
         deployment = self.rt.provider.name
         finish, error, times = self.finish, self.error, self.times
         if not self.cancelled and error is None and finish is not None:
-            self._finish_done(finish, attempt, started_ms, t_start, times, deployment)
-            return
+            return self._finish_done(finish, attempt, started_ms, t_start, times, deployment)
         if self.cancelled:
             self._finish_cancelled()
-            metrics.JOBS.labels("cancelled").inc()
+            report = Report("cancelled", deployment)
         else:
             error = error or ProviderError("provider_stream_broken", "the stream ended early")
             self._emit("error", {"code": error.code, "message": error.message}, status="error")
-            metrics.JOBS.labels("error").inc()
-            metrics.PROVIDER_ERRORS.labels(deployment, error.code).inc()
+            report = Report("error", deployment, error_code=error.code)
         # Once the provider streamed, it billed the prompt (the admission count
         # stands in for it); before that, everything is refunded.
         if times:
             self._settle(None, len(times))
         else:
             self._settle(0, 0)
+        return report
 
     def _finish_done(self, finish: Finish, attempt: int, started_ms: int, t_start: float,
-                     times: list[float], deployment: str) -> None:
+                     times: list[float], deployment: str) -> Report:
         usage = finish.usage
         n = usage.completion_tokens if usage else len(times)
         first, last = (times[0], times[-1]) if times else (None, t_start)
@@ -182,16 +175,11 @@ class Attempt:
             "metrics": m,
         }, status="done")
         self._settle(usage.prompt_tokens if usage else None, n)
-        metrics.JOBS.labels("done").inc()
-        metrics.QUEUE_WAIT.observe(queue_wait_ms / 1000)
-        metrics.E2E.observe(m["e2e_ms"] / 1000)
-        if first is not None:
-            metrics.PROVIDER_TTFT.labels(deployment).observe(first - t_start)
-            if n > 1:
-                metrics.TPOT.labels(deployment).observe((last - first) / (n - 1))
-        metrics.TOKENS.labels("out").inc(n)
-        if usage:
-            metrics.TOKENS.labels("in").inc(usage.prompt_tokens)
+        return Report(
+            "done", deployment, queue_wait_s=queue_wait_ms / 1000, e2e_s=m["e2e_ms"] / 1000,
+            provider_ttft_s=first - t_start if first is not None else None,
+            tpot_s=(last - first) / (n - 1) if first is not None and n > 1 else None,
+            prompt_tokens=usage.prompt_tokens if usage else 0, completion_tokens=n)
 
     def _read(self) -> None:
         spec = self.job.spec
@@ -248,7 +236,7 @@ class Attempt:
 
     def _heartbeat(self) -> None:
         ttl_s = self.rt.settings.lease_ttl_s
-        slot_ms = 2 * self.rt.settings.job_timeout_s * 1000
+        slot_ms = self.rt.settings.slot_ttl_s * 1000
         while not self.stop.is_set():
             gevent.sleep(ttl_s / 3)
             try:

@@ -18,7 +18,7 @@ import redis
 import websocket
 
 from app.apikeys import KeyStore
-from workers.redis_server import RedisServer, free_port
+from app.cli.dev.redis_server import RedisServer, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -115,7 +115,7 @@ def start_mock(start_proc: Callable[..., Proc], **config: Any) -> tuple[Proc, st
     """Start a mock model; return it and its base URL."""
     args = ", ".join(f"{k}={v!r}" for k, v in {**MOCK, **config}.items())
     proc = start_proc("mockllm", [sys.executable, "-c",
-                                  "from workers.mockllm import serve, MockConfig; "
+                                  "from app.cli.dev.mockllm import serve, MockConfig; "
                                   f"serve(MockConfig({args}), port=0)"], {})
     line = proc.wait_log("listening on ")
     url = line.split("listening on ", 1)[1].split()[0]
@@ -175,7 +175,7 @@ def sluice_env(redis_server: RedisServer, mock: str, tiers_file: Path) -> dict[s
 def start_worker(start_proc: Callable[..., Proc], env: dict[str, str], name: str = "w") -> Proc:
     """Start one Celery worker process (gevent pool) and wait until it consumes."""
     proc = start_proc(f"worker-{name}", [
-        str(BIN / "celery"), "-A", "workers", "worker", "-P", "gevent",
+        str(BIN / "celery"), "-A", "workers.make_celery", "worker", "-P", "gevent",
         "-c", env.get("SLUICE_WORKER_CONCURRENCY", "300"), "-Q", env.get("SLUICE_QUEUE", "sluice"),
         "-n", f"{name}-{time.monotonic_ns()}@%h", "--without-gossip", "--without-mingle",
         "-l", "INFO"], env)

@@ -15,11 +15,12 @@ from redis.retry import Retry
 
 from app.admission import Admission, AdmissionRejectedError, Admitted
 from app.apikeys import KeyInfo, KeyStore
+from app.cli.dev.redis_server import RedisServer, free_port
 from app.tiers import Tier
 from tasks import keys
+from tasks.budget import Budget
 from tasks.jobs import JobSpec
 from tasks.tokens import count_message_tokens, count_text_tokens, encoding_name_for_model
-from workers.redis_server import RedisServer, free_port
 
 NO_RETRY = Retry(NoBackoff(), 0)
 #: "hi" as one user message: 3 framing + "user" + "hi" + 3 priming.
@@ -97,14 +98,14 @@ def test_unknown_models_count_with_cl100k() -> None:
 def test_reservation_is_prompt_plus_max_tokens(adm: Admission, key: KeyInfo) -> None:
     """The reservation is the exact prompt count plus max_tokens, taken from the bucket."""
     ok = adm.admit(key, spec("hi", max_tokens=50))
-    assert (ok.prompt_tokens, ok.max_tokens, ok.reserved_tokens) == (HI_TOKENS, 50, 58)
+    assert (ok.prompt_tokens, ok.spec.max_tokens, ok.reserved_tokens) == (HI_TOKENS, 50, 58)
     assert ok.limits is not None and ok.limits.remaining_tokens in (6_000 - 58, 6_000 - 57)
 
 
 def test_default_output_allowance_without_max_tokens(adm: Admission, key: KeyInfo) -> None:
     """Without max_tokens the tier's default output allowance is reserved and becomes the cap."""
     ok = adm.admit(key, spec("hi", max_tokens=4_000), max_tokens_given=False)
-    assert (ok.max_tokens, ok.reserved_tokens) == (100, HI_TOKENS + 100)
+    assert (ok.spec.max_tokens, ok.reserved_tokens) == (100, HI_TOKENS + 100)
 
 
 # -- the bucket ------------------------------------------------------------------------------------
@@ -268,16 +269,16 @@ def test_vanished_job_slot_is_reclaimed_after_deadline(r: redis.Redis) -> None:
 
 
 def test_touch_renews_a_running_jobs_slot(r: redis.Redis) -> None:
-    """touch() keeps a live job's slot past its first deadline; settled jobs have none."""
+    """Budget.touch() (the worker's heartbeat) keeps a live job's slot past its first deadline; settled jobs have none."""
     adm = admission_for(r, replace(BASE, max_concurrent_jobs=1), slot_ttl_s=0.3)
     key = new_key(r)
     running = adm.admit(key, spec())
     for _ in range(4):
         time.sleep(0.15)
-        assert adm.touch(running.job_id)
+        assert Budget(r).touch(running.job_id, 300)
     assert rejection(adm, key, spec()).code == "concurrency_limit"
     adm.settle(running.job_id, HI_TOKENS, 1)
-    assert not adm.touch(running.job_id)
+    assert not Budget(r).touch(running.job_id, 300)
 
 
 # -- tiers and sizes -------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import pytest
 
 from tests.conftest import ROOT, Proc, start_mock, wait_for
 
-BENCH = [sys.executable, "-m", "app.bench"]
+BENCH = [sys.executable, "-m", "app.cli.bench"]
 
 
 def bench(*args: str, timeout_s: float = 60) -> subprocess.CompletedProcess[str]:

@@ -10,10 +10,10 @@ from click.testing import CliRunner, Result
 
 from app.admission import Admission
 from app.apikeys import KeyStore
-from app.cli_keys import keys, usage
+from app.cli.dev.redis_server import RedisServer
+from app.cli.keys import keys, usage
 from app.tiers import DEFAULT_TIERS
 from tasks.jobs import JobSpec
-from workers.redis_server import RedisServer
 
 
 @pytest.fixture

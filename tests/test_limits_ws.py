@@ -207,8 +207,8 @@ def test_light_user_not_blocked_while_heavy_user_is(web: str, r: redis.Redis,
 def test_redis_down_fails_closed_with_unavailable(start_proc: Callable[..., Any],
                                                   sluice_env: dict[str, str]) -> None:
     """With Redis unreachable, readiness says so and requests get 'unavailable', fast."""
+    from app.cli.dev.redis_server import free_port
     from tests.conftest import start_web
-    from workers.redis_server import free_port
 
     dead = f"redis://127.0.0.1:{free_port()}/0"
     web = start_web(start_proc, {**sluice_env, "REDIS_URL": dead, "SLUICE_ALLOW_ANONYMOUS": "1"})

@@ -17,7 +17,7 @@ from typing import Any
 import openai
 import pytest
 
-from workers.mockllm import VOCAB, MockConfig, count_prompt_tokens, expected_text, get_encoding
+from app.cli.dev.mockllm import VOCAB, MockConfig, count_prompt_tokens, expected_text, get_encoding
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = MockConfig(ttft_ms=5, itl_ms=1, output_tokens=20, models=("mock-1", "mock-2"))
@@ -29,7 +29,7 @@ MESSAGES: list[Any] = [{"role": "system", "content": "Be brief."},
 @contextlib.contextmanager
 def running_mock(config: MockConfig) -> Iterator[str]:
     """Run ``serve(config)`` in a subprocess and yield its base URL (ending in ``/v1``)."""
-    code = f"from workers.mockllm import serve, MockConfig; serve({config!r}, port=0)"
+    code = f"from app.cli.dev.mockllm import serve, MockConfig; serve({config!r}, port=0)"
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE,
                             text=True)
     assert proc.stdout is not None

@@ -9,9 +9,9 @@ from typing import Any
 
 import redis
 
+from app.cli.dev.mockllm import MockConfig, expected_text
 from tasks import keys
 from tests.conftest import Client, Proc, text_of, wait_for
-from workers.mockllm import MockConfig, expected_text
 
 MOCK_CONFIG = MockConfig(ttft_ms=40, itl_ms=15, output_tokens=12)
 

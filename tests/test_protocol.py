@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 import websocket
 
+from app.cli.dev.mockllm import MockConfig, expected_text
 from tests.conftest import Client, text_of
-from workers.mockllm import MockConfig, expected_text
 
 BAD_FRAMES: list[tuple[str, str, str]] = [
     ("malformed json", "{not json", "bad_json"),

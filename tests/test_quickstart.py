@@ -12,8 +12,8 @@ from pathlib import Path
 
 import psutil
 
+from app.cli.dev.redis_server import free_port
 from tests.conftest import Client, wait_for
-from workers.redis_server import free_port
 
 BIN = Path(sys.executable).parent
 

@@ -13,9 +13,9 @@ import pytest
 import redis
 
 from app.apikeys import KeyStore
+from app.cli.dev.mockllm import MockConfig, expected_text
 from tasks import keys
 from tests.conftest import Client, Proc, start_mock, start_web, start_worker, text_of, wait_for
-from workers.mockllm import MockConfig, expected_text
 
 SLOW = {"ttft_ms": 50, "itl_ms": 60, "output_tokens": 40}
 SLOW_CONFIG = MockConfig(**SLOW)  # type: ignore[arg-type]

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from app.tiers import DEFAULT_TIERS, TierConfigError, load_tiers
+from tasks.config import Settings
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -17,7 +18,7 @@ def write(tmp_path: Path, text: str) -> Path:
 
 def test_defaults_without_a_file() -> None:
     """With no SLUICE_TIERS_FILE the built-in free, pro and unlimited tiers apply."""
-    tiers = load_tiers(env={})
+    tiers = load_tiers()
     assert set(tiers) >= {"free", "pro", "unlimited"} and tiers == DEFAULT_TIERS
 
 
@@ -31,7 +32,7 @@ requests_per_minute = 5
 models = ["mock-1"]
 queue_instead_of_429 = true
 """)
-    tiers = load_tiers(env={"SLUICE_TIERS_FILE": str(path)})
+    tiers = load_tiers(Settings.from_env({"SLUICE_TIERS_FILE": str(path)}).tiers_file)
     assert tiers["pro"].tokens_per_minute == 1_000
     assert tiers["pro"].max_output_tokens == DEFAULT_TIERS["pro"].max_output_tokens
     team = tiers["team"]

@@ -1,10 +1,5 @@
-"""The Celery app, its configuration and the provider clients.
+"""The worker edge: the Celery app, the provider client, housekeeping and worker metrics.
 
-``celery -A workers worker`` loads :data:`app`, built from the environment.
+Importing this package builds nothing; ``celery -A workers.make_celery``
+loads the app (see :mod:`workers.make_celery`).
 """
-
-from __future__ import annotations
-
-from workers.celery_app import create_celery
-
-app = create_celery()

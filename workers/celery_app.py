@@ -3,77 +3,65 @@
 from __future__ import annotations
 
 from functools import cached_property
-from typing import Any
 
-import redis
 from celery import Celery
 from celery.signals import worker_ready
 
 from tasks.budget import Budget
 from tasks.config import Settings
 from tasks.events import AppendBatcher, EventLog
+from tasks.generate import Attempt
 from tasks.jobs import JobStore
+from tasks.queue import Dispatcher, make_celery
+from tasks.runtime import Report
+from workers import metrics
 from workers.provider import Provider
 
 
-class Runtime:
-    """What a worker process needs to run jobs, built once per process on first use."""
+class WorkerRuntime:
+    """What a worker process needs to run jobs (a :class:`tasks.runtime.Runtime`).
 
-    def __init__(self, settings: Settings) -> None:
+    Built with the Celery app; its Redis pool connects on first use, so
+    building it opens no connection.
+    """
+
+    def __init__(self, settings: Settings, celery: Celery) -> None:
         self.settings = settings
-        #: The attempts running in this process, by job id (for cancels).
-        self.attempts: dict[str, Any] = {}
-
-    @cached_property
-    def redis(self) -> redis.Redis:
-        """The worker process's Redis client (a connection pool shared by its greenlets)."""
-        return self.settings.redis_client()
-
-    @cached_property
-    def events(self) -> EventLog:
-        """The event log."""
-        return EventLog(self.redis, self.settings.event_ttl_s)
-
-    @cached_property
-    def appender(self) -> AppendBatcher:
-        """Appends of all this process's attempts, batched into pipelines."""
-        return AppendBatcher(self.events)
-
-    @cached_property
-    def jobs(self) -> JobStore:
-        """The job store."""
-        return JobStore(self.redis, job_ttl_s(self.settings))
-
-    @cached_property
-    def budget(self) -> Budget:
-        """The token budgets, settled when a job ends."""
-        return Budget(self.redis)
+        #: The worker process's Redis client (a connection pool shared by its greenlets).
+        self.redis = settings.redis_client()
+        self.events = EventLog(self.redis, settings.event_ttl_s)
+        #: Appends of all this process's attempts, batched into pipelines.
+        self.appender = AppendBatcher(self.events)
+        self.jobs = JobStore(self.redis, settings.job_ttl_s)
+        self.budget = Budget(self.redis)
+        self.dispatcher = Dispatcher(celery, self.jobs, self.events, self.budget)
+        self.attempts: dict[str, Attempt] = {}
 
     @cached_property
     def provider(self) -> Provider:
         """The model provider client."""
         return Provider(self.settings)
 
-
-def job_ttl_s(settings: Settings) -> int:
-    """How long an unfinished job's record may live."""
-    return settings.job_timeout_s + settings.event_ttl_s
+    def record(self, report: Report) -> None:
+        """Count an attempt's outcome in this process's metrics."""
+        metrics.record(report)
 
 
 def create_celery(settings: Settings | None = None) -> Celery:
     """Build the Celery app for workers and producers.
 
     :param settings: defaults to :meth:`Settings.from_env`.
-    :return: the app; its :class:`Runtime` is ``app.sluice``.
+    :return: the app; its :class:`WorkerRuntime` is ``app.sluice``.
 
     Example::
 
         app = create_celery(Settings.from_env())
-        app.send_task("sluice.generate", args=[job_id], queue="sluice")
+        Dispatcher(app, jobs, events, budget).enqueue(job_id, "sluice")
     """
     settings = settings or Settings.from_env()
-    app = Celery("sluice", broker=settings.broker, include=["tasks.generate"])
-    app.conf.update(
+    app = make_celery(
+        settings,
+        include=["tasks.generate"],
         # A worker dying mid-stream must not lose the job: ack only at the end,
         # and hand the message back if the process is lost.
         task_acks_late=True,
@@ -84,22 +72,14 @@ def create_celery(settings: Settings | None = None) -> Celery:
         # (and the messages it had prefetched) as if the broker were down.
         broker_transport_options={"visibility_timeout": settings.visibility_timeout_s,
                                   "max_connections": settings.worker_concurrency + 50},
-        broker_connection_retry_on_startup=True,
-        task_ignore_result=True,
-        task_default_queue=settings.queue,
-        task_serializer="json",
-        accept_content=["json"],
         worker_concurrency=settings.worker_concurrency,
         worker_hijack_root_logger=False,
         # Streams may run for minutes: give warm shutdown time to let them end.
         worker_soft_shutdown_timeout=float(settings.job_timeout_s),
         worker_enable_soft_shutdown_on_idle=False,
-        # No task-sent events: they cost the front end an extra publish per
-        # job; Flower still sees every task from the workers' own events.
-        task_send_sent_event=False,
         worker_send_task_events=settings.task_events,
     )
-    app.sluice = Runtime(settings)  # type: ignore[attr-defined]
+    app.sluice = WorkerRuntime(settings, app)
     if not settings.remote_control:
         make_control_read_only()
     return app
@@ -125,14 +105,13 @@ def make_control_read_only() -> None:
         Panel.meta.pop(name, None)
 
 
-@worker_ready.connect
+@worker_ready.connect  # type: ignore[untyped-decorator]
 def _start_housekeeping(sender: object, **_: object) -> None:
     import gevent
 
-    from workers import metrics
     from workers.reaper import listen_for_cancels, reap_forever
 
-    app = sender.app  # type: ignore[attr-defined]
-    metrics.serve(app.sluice.settings.metrics_port)
-    gevent.spawn(reap_forever, app)
-    gevent.spawn(listen_for_cancels, app.sluice)
+    rt: WorkerRuntime = sender.app.sluice  # type: ignore[attr-defined]
+    metrics.serve(rt.settings.metrics_port, lambda: len(rt.attempts))
+    gevent.spawn(reap_forever, rt)
+    gevent.spawn(listen_for_cancels, rt)

@@ -7,8 +7,11 @@ never job ids or keys.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+from tasks.runtime import Report
 
 log = logging.getLogger(__name__)
 
@@ -31,11 +34,36 @@ PROVIDER_ERRORS = Counter("sluice_provider_errors_total", "Provider failures",
                           ["deployment", "code"])
 IN_FLIGHT = Gauge("sluice_jobs_in_flight", "Generations running in this worker process")
 QUEUE_DEPTH = Gauge("sluice_queue_depth", "Jobs waiting in a Celery queue", ["queue"])
-COOLED_DOWN = Gauge("sluice_deployments_cooled_down", "Provider deployments in cool-down")
 
 
-def serve(port: int) -> None:
-    """Expose this process's metrics on ``port`` (0 disables)."""
+def record(report: Report) -> None:
+    """Count one attempt's outcome (see :class:`tasks.runtime.Report`)."""
+    if report.outcome == "lost":
+        return  # the attempt that took the job over counts it
+    JOBS.labels(report.outcome).inc()
+    if report.error_code:
+        PROVIDER_ERRORS.labels(report.deployment, report.error_code).inc()
+    if report.outcome != "done":
+        return
+    if report.queue_wait_s is not None:
+        QUEUE_WAIT.observe(report.queue_wait_s)
+    if report.e2e_s is not None:
+        E2E.observe(report.e2e_s)
+    if report.provider_ttft_s is not None:
+        PROVIDER_TTFT.labels(report.deployment).observe(report.provider_ttft_s)
+    if report.tpot_s is not None:
+        TPOT.labels(report.deployment).observe(report.tpot_s)
+    TOKENS.labels("out").inc(report.completion_tokens)
+    if report.prompt_tokens:
+        TOKENS.labels("in").inc(report.prompt_tokens)
+
+
+def serve(port: int, in_flight: Callable[[], int]) -> None:
+    """Expose this process's metrics on ``port`` (0 disables).
+
+    :param in_flight: how many generations the process is running now.
+    """
+    IN_FLIGHT.set_function(in_flight)
     if port:
         start_http_server(port, addr="0.0.0.0")
         log.info("worker metrics on :%d/metrics", port)

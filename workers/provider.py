@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlparse
 
@@ -11,35 +10,13 @@ import httpx2
 import openai
 
 from tasks.config import Settings
-
-
-@dataclass(frozen=True)
-class Usage:
-    """Token usage the provider reported for one completion."""
-
-    prompt_tokens: int
-    completion_tokens: int
-
-
-@dataclass(frozen=True)
-class Finish:
-    """The end of a completion stream."""
-
-    reason: str
-    usage: Usage | None
-
-
-class ProviderError(Exception):
-    """The provider failed; ``code`` is stable for clients, ``message`` says why."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
+from tasks.runtime import Finish, ProviderError, Usage
 
 
 class Provider:
     """Streams chat completions from one OpenAI-compatible deployment.
+
+    Implements :class:`tasks.runtime.Provider`.
 
     Example::
 

@@ -11,7 +11,7 @@ Lua claim makes sure each orphan is re-enqueued by one of them.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING
 
 import gevent
 import redis
@@ -20,25 +20,26 @@ from tasks import keys
 from tasks.jobs import FINAL
 from workers import metrics
 
+if TYPE_CHECKING:
+    from workers.celery_app import WorkerRuntime
+
 log = logging.getLogger(__name__)
 
 
-def reap_forever(app: Any) -> None:
+def reap_forever(rt: WorkerRuntime) -> None:
     """Every half lease, re-enqueue the jobs whose lease ran out and sample the queue depth."""
-    rt = app.sluice
     period_s = rt.settings.lease_ttl_s / 2
     while True:
         gevent.sleep(period_s)
         try:
-            reap_once(app)
+            reap_once(rt)
             metrics.QUEUE_DEPTH.labels(rt.settings.queue).set(rt.redis.llen(rt.settings.queue))
         except Exception:  # Redis or broker trouble must not end the loop
             log.exception("reaper: this round failed; trying again")
 
 
-def reap_once(app: Any) -> list[str]:
+def reap_once(rt: WorkerRuntime) -> list[str]:
     """Claim and re-enqueue orphaned jobs; return their ids."""
-    rt = app.sluice
     orphans = rt.jobs.claim_orphans(grace_ms=rt.settings.lease_ttl_s * 3000)
     for job_id in orphans:
         queue = rt.jobs.queue_of(job_id)
@@ -46,11 +47,11 @@ def reap_once(app: Any) -> list[str]:
             rt.jobs.forget_running(job_id)
             continue
         log.warning("job %s lost its worker; re-enqueueing it on %r", job_id, queue)
-        app.send_task("sluice.generate", args=[job_id], queue=queue)
+        rt.dispatcher.send(job_id, queue)
     return orphans
 
 
-def listen_for_cancels(rt: Any) -> None:
+def listen_for_cancels(rt: WorkerRuntime) -> None:
     """Halt this process's attempt of every job whose cancel is announced."""
     while True:
         pubsub = rt.redis.pubsub(ignore_subscribe_messages=True)

@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from app.bench.config import (
+from app.cli.bench.config import (
     KINDS,
     BenchConfig,
     BenchError,
@@ -19,9 +19,10 @@ from app.bench.config import (
     parse_slo,
     parse_sweep,
 )
-from app.bench.output import print_summary, write_files
-from app.bench.runner import BenchResult, Runner
-from app.bench.stack import Stack
+from app.cli.bench.files import write_files
+from app.cli.bench.output import print_summary
+from app.cli.bench.runner import BenchResult, Runner
+from app.cli.bench.stack import Stack
 
 AUTO = "auto"
 

@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from time import perf_counter
 from typing import Any, Protocol, TextIO
 
-from app.bench.config import Step
-from app.bench.record import RequestRecord, Stream
+from app.cli.bench.config import Step
+from app.cli.bench.record import RequestRecord, Stream
 
 
 class Lane(Protocol):

@@ -11,8 +11,8 @@ from typing import Any, cast
 import httpx2
 import openai
 
-from app.bench.config import BenchError
-from app.bench.record import Stream
+from app.cli.bench.config import BenchError
+from app.cli.bench.record import Stream
 
 #: SDK clients (connection pools) the lanes are spread over; request N of lane L uses L % POOLS.
 POOLS = 16

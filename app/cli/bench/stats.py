@@ -7,8 +7,8 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from app.bench.config import Slo
-from app.bench.record import RequestRecord
+from app.cli.bench.config import Slo
+from app.cli.bench.record import RequestRecord
 
 PERCENTILES = (50, 90, 95, 99)
 #: Distributions every step reports (record attribute -> result key).

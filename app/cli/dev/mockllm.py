@@ -284,7 +284,7 @@ def make_wsgi_app(config: MockConfig) -> MockApp:
     return MockApp(config)
 
 
-class _Handler(WSGIHandler):
+class _Handler(WSGIHandler):  # type: ignore[misc]  # gevent ships no types
     def handle(self) -> None:
         with contextlib.suppress(OSError):
             # Nagle plus the client's delayed ACK would hold small token writes back by up to 40 ms.

@@ -11,11 +11,12 @@ from urllib.parse import urlparse
 
 import click
 
-from app.bench.cli import bench
-from app.cli_keys import keys, usage
-from workers.redis_server import RedisServer, answers, free_port
+from app.cli.bench.admission import admission_bench
+from app.cli.bench.cli import bench
+from app.cli.dev.redis_server import RedisServer, answers, free_port
+from app.cli.keys import keys, usage
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @click.group()
@@ -26,6 +27,7 @@ def main() -> None:
 main.add_command(keys)
 main.add_command(usage)
 main.add_command(bench)
+main.add_command(admission_bench)
 
 
 @main.command()
@@ -142,7 +144,7 @@ def mockllm(dev_only: bool, host: str, port: int | None, ttft_ms: float, itl_ms:
     from gevent import monkey
 
     monkey.patch_all()
-    from workers.mockllm import MockConfig, serve
+    from app.cli.dev.mockllm import MockConfig, serve
 
     if port is None:
         port = urlparse(os.environ.get("OPENAI_BASE_URL", "")).port or 8001
@@ -176,7 +178,7 @@ def flower(port: int, flower_args: tuple[str, ...]) -> None:
     """
     user = os.environ.get("SLUICE_FLOWER_USER", "")
     password = os.environ.get("SLUICE_FLOWER_PASSWORD", "")
-    argv = ["celery", "-A", "workers", "flower", f"--port={port}"]
+    argv = ["celery", "-A", "workers.make_celery", "flower", f"--port={port}"]
     if user and password:
         argv.append(f"--basic_auth={user}:{password}")
     elif os.environ.get("SLUICE_DEV") == "1":

@@ -18,8 +18,8 @@ from typing import Any
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
-from app.bench.config import BenchError
-from app.bench.record import Stream
+from app.cli.bench.config import BenchError
+from app.cli.bench.record import Stream
 
 TOKEN_HEAD = '{"type":"token","job_id":"'
 _HEAD_LEN = len(TOKEN_HEAD)

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from app.bench.config import BenchError
-from workers.mockllm import VOCAB, get_encoding
+from app.cli.bench.config import BenchError
+from app.cli.dev.mockllm import VOCAB, get_encoding
 
 Messages = list[dict[str, Any]]
 

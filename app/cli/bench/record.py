@@ -8,10 +8,7 @@ from dataclasses import dataclass, fields
 from time import perf_counter
 from typing import Any
 
-from app.bench.prompts import Prompt
-
-#: Returns the exact text a prompt must produce, or ``None`` when unknown.
-Expect = Callable[[Prompt], "str | None"]
+from app.cli.bench.prompts import Prompt
 
 
 @dataclass(slots=True)

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import csv
-import json
 import math
 import os
 import platform
 import sys
 import time
-from pathlib import Path
 from typing import Any, TextIO
 
-from app.bench.runner import BenchResult, StepResult
+from app.cli.bench.runner import BenchResult, StepResult
 
 CSV_COLUMNS = (
     "step", "label", "kind", "value", "target", "requests", "ok", "errors", "error_rate",
@@ -187,27 +184,13 @@ def csv_rows(result: BenchResult) -> list[dict[str, Any]]:
     return rows
 
 
-def write_files(result: BenchResult, out_dir: Path) -> list[Path]:
-    """Write ``results.json``, ``summary.csv`` and ``report.html`` into ``out_dir``."""
-    from app.bench.html import render
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = [out_dir / "results.json", out_dir / "summary.csv", out_dir / "report.html"]
-    paths[0].write_text(json.dumps(_clean(as_json(result)), indent=1, allow_nan=False) + "\n")
-    with paths[1].open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
-        writer.writeheader()
-        writer.writerows(csv_rows(result))
-    paths[2].write_text(render(result), encoding="utf-8")
-    return paths
-
-
-def _clean(v: Any) -> Any:
+def clean(v: Any) -> Any:
+    """``v`` with every NaN or infinity replaced by ``None`` (JSON has neither)."""
     # JSON has no NaN or infinity: write null.
     if isinstance(v, float):
         return v if math.isfinite(v) else None
     if isinstance(v, dict):
-        return {k: _clean(x) for k, x in v.items()}
+        return {k: clean(x) for k, x in v.items()}
     if isinstance(v, (list, tuple)):
-        return [_clean(x) for x in v]
+        return [clean(x) for x in v]
     return v

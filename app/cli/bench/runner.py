@@ -11,16 +11,16 @@ from dataclasses import dataclass, field
 from time import perf_counter
 from typing import Any
 
-from app.bench import cpu
-from app.bench.config import BenchConfig, BenchError, Step
-from app.bench.direct_client import DirectClient
-from app.bench.load import Counters, Lane, run_load, show_progress
-from app.bench.prompts import Prompt, PromptSource, load_jsonl
-from app.bench.record import RequestRecord, Stream
-from app.bench.sluice_client import open_conns, probe
-from app.bench.stack import Stack
-from app.bench.stats import added_latency, aggregate, dist, saturation
-from workers.mockllm import expected_text, get_encoding
+from app.cli.bench import cpu
+from app.cli.bench.config import BenchConfig, BenchError, Step
+from app.cli.bench.direct_client import DirectClient
+from app.cli.bench.load import Counters, Lane, run_load, show_progress
+from app.cli.bench.prompts import Prompt, PromptSource, load_jsonl
+from app.cli.bench.record import RequestRecord, Stream
+from app.cli.bench.sluice_client import open_conns, probe
+from app.cli.bench.stack import Stack
+from app.cli.bench.stats import added_latency, aggregate, dist, saturation
+from app.cli.dev.mockllm import expected_text, get_encoding
 
 
 @dataclass

@@ -5,9 +5,9 @@ from __future__ import annotations
 from html import escape
 from typing import Any
 
-from app.bench.output import Rows, added_rows, cost_rows, environment, latency_rows, notes
-from app.bench.runner import BenchResult, StepResult
-from app.bench.svg import PALETTE, Series, cdf_points, line_chart
+from app.cli.bench.output import Rows, added_rows, cost_rows, environment, latency_rows, notes
+from app.cli.bench.runner import BenchResult, StepResult
+from app.cli.bench.svg import PALETTE, Series, cdf_points, line_chart
 
 CSS = """
 body{font-family:system-ui,sans-serif;margin:24px auto;max-width:1320px;color:#222;padding:0 16px}
@@ -160,6 +160,6 @@ def render(result: BenchResult) -> str:
 
 
 def _command(argv: list[str]) -> str:
-    """The command line as a user types it, whether run as ``sluice bench`` or ``-m app.bench``."""
+    """The command line as a user types it (``sluice bench`` or ``-m app.cli.bench``)."""
     args = argv[2:] if argv[1:2] == ["bench"] else argv[1:]
     return " ".join(["sluice bench", *args])

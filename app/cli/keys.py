@@ -49,7 +49,7 @@ def create(tier: str, name: str) -> None:
         sluice keys create --tier pro --name alice
     """
     try:
-        tiers = load_tiers()
+        tiers = load_tiers(Settings.from_env().tiers_file or None)
     except TierConfigError as e:
         raise click.ClickException(str(e)) from e
     if tier not in tiers:

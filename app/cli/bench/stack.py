@@ -23,9 +23,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from app.bench.config import BenchError, StackOptions
-from workers.mockllm import MockConfig
-from workers.redis_server import answers, find_redis_server, free_port
+from app.cli.bench.config import BenchError, StackOptions
+from app.cli.dev.mockllm import MockConfig
+from app.cli.dev.redis_server import answers, find_redis_server, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -151,7 +151,7 @@ class Stack:
         names = [f"bench{i}-{os.getpid()}@localhost" for i in range(o.workers)]
         for i, name in enumerate(names):
             self._spawn(f"worker{i}", [
-                str(BIN / "celery"), "-A", "workers", "worker", "-P", "gevent",
+                str(BIN / "celery"), "-A", "workers.make_celery", "worker", "-P", "gevent",
                 "-c", str(o.worker_concurrency), "-Q", "sluice", "-n", name,
                 "--without-gossip", "--without-mingle", "-l", "WARNING"], {}, "worker")
         ports = [free_port() for _ in range(o.webs)]

@@ -1,8 +1,8 @@
-"""Run ``sluice bench`` as ``python -m app.bench``."""
+"""Run ``sluice bench`` as ``python -m app.cli.bench``."""
 
 from __future__ import annotations
 
-from app.bench.cli import bench
+from app.cli.bench.cli import bench
 
 if __name__ == "__main__":
     bench(prog_name="sluice bench")

@@ -1,0 +1,1 @@
+"""Developer services for a machine that has none: the mock model and an embedded Redis."""

@@ -1,0 +1,66 @@
+"""The parts one front-end process shares between all its sockets and requests."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import redis
+from celery import Celery
+
+from app.admission import Admission
+from app.apikeys import Authenticator, KeyStore
+from app.intake import Intake
+from app.relay import Relay
+from tasks.config import Settings
+from tasks.events import EventLog
+from tasks.jobs import JobStore
+from tasks.queue import Dispatcher, make_celery
+
+
+@dataclass(frozen=True)
+class FrontEnd:
+    """One set per process, built by :func:`app.create_app`; views take the parts they need.
+
+    Example::
+
+        front = FrontEnd.build(Settings.from_env())
+        submitted = front.intake.submit(key, spec)
+    """
+
+    settings: Settings
+    redis: redis.Redis
+    jobs: JobStore
+    events: EventLog
+    relay: Relay
+    auth: Authenticator
+    admission: Admission
+    intake: Intake
+    celery: Celery
+
+    @classmethod
+    def build(cls, settings: Settings) -> FrontEnd:
+        """Build the parts; nothing connects until first used."""
+        client = settings.redis_client()
+        jobs = JobStore(client, settings.job_ttl_s)
+        events = EventLog(client, settings.event_ttl_s)
+        admission = Admission.from_settings(settings, client)
+        celery = make_celery(settings)  # a producer: the front end runs no task
+        dispatcher = Dispatcher(celery, jobs, events, admission.budget)
+        auth = Authenticator(KeyStore(client), allow_anonymous=settings.allow_anonymous,
+                             anonymous_tier=settings.anonymous_tier, demo_key=settings.demo_key)
+        return cls(settings, client, jobs, events, Relay(client), auth, admission,
+                   Intake(admission, jobs, dispatcher), celery)
+
+    def ready(self) -> dict[str, str]:
+        """Check Redis and the broker; return a problem per failing part."""
+        problems = {}
+        try:
+            self.redis.ping()
+        except redis.RedisError as e:
+            problems["redis"] = str(e)
+        try:
+            with self.celery.connection_for_write() as conn:
+                conn.ensure_connection(max_retries=1, timeout=2)
+        except Exception as e:  # noqa: BLE001 - report any broker failure
+            problems["broker"] = str(e)
+        return problems

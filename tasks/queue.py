@@ -1,0 +1,124 @@
+"""The generation queue: the one place a job is handed to the workers.
+
+Every producer — the front end on submit, a worker starting the next job of a
+chat session, the reaper re-running an orphan — goes through a
+:class:`Dispatcher`, so the task name, the failure handling and the
+session-advance path are written once.  Tasks take only a job id: brokers,
+logs and Flower never see prompts.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import redis
+from celery import Celery
+
+from tasks.budget import Budget
+from tasks.config import Settings
+from tasks.events import EventLog
+from tasks.jobs import JobStore
+
+log = logging.getLogger(__name__)
+
+#: The Celery name of the generation task.
+TASK_NAME = "sluice.generate"
+
+
+def make_celery(settings: Settings, **conf: Any) -> Celery:
+    """A Celery app on Sluice's broker, configured as every producer and worker needs it.
+
+    :param conf: further configuration (the workers add theirs).
+
+    Example::
+
+        celery = make_celery(Settings.from_env())    # a producer: it only sends tasks
+    """
+    app = Celery("sluice", broker=settings.broker)
+    app.conf.update({
+        "broker_connection_retry_on_startup": True,
+        "broker_transport_options": {"visibility_timeout": settings.visibility_timeout_s},
+        "task_default_queue": settings.queue,
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "task_ignore_result": True,
+        # No task-sent events: they cost a producer an extra publish per job;
+        # Flower still sees every task from the workers' own events.
+        "task_send_sent_event": False,
+        **conf,
+    })
+    return app
+
+
+class Dispatcher:
+    """Enqueues jobs, and ends the ones that cannot be enqueued.
+
+    Example::
+
+        dispatcher = Dispatcher(celery, jobs, events, budget)
+        dispatcher.enqueue(job_id, "sluice")
+    """
+
+    def __init__(self, celery: Celery, jobs: JobStore, events: EventLog, budget: Budget) -> None:
+        self.celery = celery
+        self.jobs = jobs
+        self.events = events
+        self.budget = budget
+
+    def send(self, job_id: str, queue: str) -> None:
+        """Put one message for ``job_id`` on ``queue``.
+
+        :raises Exception: whatever the broker raises when it cannot take it.
+        """
+        self.celery.send_task(TASK_NAME, args=[job_id], queue=queue)
+
+    def enqueue(self, job_id: str, queue: str, owner: str = "", session: str | None = None
+                ) -> bool:
+        """Hand a stored job to the workers; a job the broker refuses ends with an error.
+
+        A chat session's job that cannot be enqueued is taken off its session
+        and the next one is tried, so the jobs behind it are not held up.
+
+        :return: whether ``job_id`` itself was enqueued.
+        """
+        first = True
+        while True:
+            try:
+                self.send(job_id, queue)
+                return first
+            except Exception as e:
+                log.exception("could not enqueue job %s", job_id)
+                self._fail(job_id, f"could not enqueue the job: {e}")
+            if not session:
+                return False
+            nxt = self.jobs.advance_session(owner, session, job_id)
+            queue_of_next = self.jobs.queue_of(nxt) if nxt else None
+            if not nxt or not queue_of_next:
+                return False
+            job_id, queue, first = nxt, queue_of_next, False
+
+    def start_next(self, owner: str, session: str, ended_id: str) -> None:
+        """Take an ended job off its chat session and enqueue the next one, if any.
+
+        Idempotent: a job that is no longer its session's head changes nothing.
+        """
+        nxt = self.jobs.advance_session(owner, session, ended_id)
+        queue = self.jobs.queue_of(nxt) if nxt else None
+        if nxt and queue:
+            self.enqueue(nxt, queue, owner, session)
+
+    def refund(self, job_id: str) -> None:
+        """Give back an unstarted job's whole reservation and slot (no-op once settled)."""
+        try:
+            self.budget.settle(job_id, 0, 0)
+        except redis.RedisError:
+            log.warning("could not refund job %s; its slot expires on its own", job_id)
+
+    def _fail(self, job_id: str, message: str) -> None:
+        try:
+            self.events.append(job_id, "error", {"code": "unavailable", "message": message},
+                               status="error")
+        except redis.RedisError:
+            log.warning("could not log the failure of job %s", job_id)
+        self.refund(job_id)

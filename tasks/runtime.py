@@ -1,0 +1,108 @@
+"""What the generation task needs from the process that runs it, as typed interfaces.
+
+:mod:`tasks.generate` is written against these; :mod:`workers` provides them
+(the Celery app's runtime, the OpenAI-compatible provider client, Prometheus
+metrics).  The provider's result types live here too, so the core never
+imports the edge.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+from tasks.budget import Budget
+from tasks.config import Settings
+from tasks.events import Appended
+from tasks.jobs import JobStore
+from tasks.queue import Dispatcher
+
+if TYPE_CHECKING:
+    from tasks.generate import Attempt
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Token usage the provider reported for one completion."""
+
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class Finish:
+    """The end of a completion stream."""
+
+    reason: str
+    usage: Usage | None
+
+
+class ProviderError(Exception):
+    """The provider failed; ``code`` is stable for clients, ``message`` says why."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class Provider(Protocol):
+    """A model deployment that streams chat completions."""
+
+    #: A bounded name for metrics and the ``done`` frame (host and port).
+    name: str
+
+    def stream(self, model: str, messages: list[dict[str, Any]], max_tokens: int, *,
+               temperature: float | None = None, seed: int | None = None
+               ) -> AbstractContextManager[Iterator[str | Finish]]:
+        """Start a streaming completion: text pieces, then one :class:`Finish`.
+
+        :raises ProviderError: the request failed (before or while streaming).
+        """
+
+
+class Appender(Protocol):
+    """Appends events to job logs (see :meth:`tasks.events.EventLog.append`)."""
+
+    def append(self, job_id: str, kind: str, body: dict[str, Any], *,
+               lease_token: str = "", status: str = "", expect_seq: int | None = None
+               ) -> Appended:
+        """Append one event; raises what :meth:`tasks.events.EventLog.append` raises."""
+
+
+@dataclass
+class Report:
+    """How one attempt at a job ended, for the process's metrics.
+
+    ``outcome`` is ``done``, ``error``, ``cancelled`` or ``lost`` (another
+    attempt took the job over).  Durations are in seconds.
+    """
+
+    outcome: str
+    deployment: str
+    error_code: str | None = None
+    queue_wait_s: float | None = None
+    e2e_s: float | None = None
+    provider_ttft_s: float | None = None
+    tpot_s: float | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Runtime(Protocol):
+    """Everything a worker process shares between the jobs it runs."""
+
+    settings: Settings
+    jobs: JobStore
+    budget: Budget
+    appender: Appender
+    provider: Provider
+    dispatcher: Dispatcher
+    #: The attempts running in this process, by job id (for cancels).
+    attempts: dict[str, Attempt]
+
+    def record(self, report: Report) -> None:
+        """Count an attempt's outcome in the process's metrics."""
