@@ -91,7 +91,7 @@ class Relay:
             try:
                 # A channel of our own keeps the connection subscribed, so
                 # get_message() always has a connection to wait on.
-                pubsub.subscribe(f"{keys.PREFIX}relay:{uuid.uuid4().hex}")
+                pubsub.subscribe(keys.relay_channel(uuid.uuid4().hex))
                 self._resubscribe(pubsub)
                 while True:
                     self._send_commands(pubsub)

@@ -14,6 +14,7 @@ sluice:job:{id}:wake          channel   one message per appended event
 sluice:session:{key}:{s}      list      job ids of a key's chat session, head = running
 sluice:running                zset      job id -> lease deadline (ms) of running jobs
 sluice:cancels                channel   ids of jobs whose cancel was just requested
+sluice:relay:{uuid}           channel   a front end's own channel; keeps its pub/sub alive
 ============================  ========  ==============================================
 
 Admission control (API keys, token buckets, usage).  API keys live until
@@ -69,6 +70,13 @@ RUNNING = f"{PREFIX}running"
 
 #: Workers listen here to stop a cancelled generation at once, wherever it waits.
 CANCELS = f"{PREFIX}cancels"
+
+
+
+def relay_channel(process_id: str) -> str:
+    """A channel only one front-end process subscribes to, so its pub/sub is never empty."""
+    return f"{PREFIX}relay:{process_id}"
+
 
 WAKE_PREFIX = f"{PREFIX}job:"
 WAKE_SUFFIX = ":wake"
