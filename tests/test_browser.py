@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import time
@@ -26,6 +27,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.remote.webdriver import WebDriver
 
+from app.apikeys import KeyStore
 from app.cli.dev.mockllm import MockConfig, expected_text
 from app.cli.dev.redis_server import free_port
 from tests.conftest import BIN, MOCK, Proc, start_mock, start_worker, wait_for
@@ -85,13 +87,16 @@ def start_web_on(start_proc: Callable[..., Proc], env: dict[str, str], port: int
 
 
 @pytest.fixture(scope="module")
-def slow_env(start_proc: Callable[..., Proc], sluice_env: dict[str, str]) -> dict[str, str]:
-    """A slow mock and a worker of its own, on a queue of their own."""
-    _, url = start_mock(start_proc, **SLOW)
+def slow_env(start_proc: Callable[..., Proc], sluice_env: dict[str, str]
+             ) -> Iterator[dict[str, str]]:
+    """A slow mock and a worker of its own, on a queue of their own; stopped with the module."""
+    mock, url = start_mock(start_proc, **SLOW)
     env = {**sluice_env, "OPENAI_BASE_URL": url, "SLUICE_QUEUE": "browser-slow",
-           "SLUICE_METRICS_PORT": "0"}
-    start_worker(start_proc, env, name="slow")
-    return env
+           "SLUICE_METRICS_PORT": "0", "SLUICE_WORKER_CONCURRENCY": "20"}
+    worker = start_worker(start_proc, env, name="slow")
+    yield env
+    worker.stop()
+    mock.stop()
 
 
 class Page:
@@ -236,6 +241,45 @@ def test_bulk_of_five_lines_completes(browser: WebDriver, web: str, api_key: str
     wait_for(lambda: page.js("return document.getElementById('st-workers').textContent") not in
              ("\N{EN DASH}", "\N{HORIZONTAL ELLIPSIS}"), 15, "the status panel to count workers")
     page.screenshot(tmp_path / "page.png")
+
+
+def test_bulk_waits_for_free_slots_of_a_one_job_key(browser: WebDriver, web: str,
+                                                    r: redis.Redis) -> None:
+    """A key allowed one job at a time: the bulk run sends the refused lines again as slots free up."""
+    key = KeyStore(r).create("browser-tiny", "tiny")[0]
+    page = Page(browser, http_base(web)).open(key).connected()
+    lines = [f"one at a time {i}" for i in range(1, 4)]
+    page.set_value("bulk-max-tokens", "4")
+    page.driver.find_element(By.ID, "bulk-prompts").send_keys("\n".join(lines))
+    page.driver.find_element(By.ID, "bulk-run").click()
+    wait_for(lambda: page.js("return document.querySelector('.run')?.dataset.finished"), 30,
+             "the bulk run to finish")
+    run = page.js("""
+        const run = document.querySelector('.run');
+        return {done: run.dataset.done, failed: run.dataset.failed,
+                texts: [...run.querySelectorAll('.answer-text')].map(t => t.textContent)};""")
+    assert (run["done"], run["failed"]) == ("3", "0"), run
+    assert run["texts"] == [expected_text(line, 4, FAST) for line in lines]
+
+
+def test_a_rate_limited_prompt_says_when_to_retry(browser: WebDriver, web: str,
+                                                  r: redis.Redis) -> None:
+    """A key out of tokens: the refused answer says it is rate limited and in how many seconds to retry."""
+    key = KeyStore(r).create("browser-thin", "thin")[0]  # 600 tokens a minute
+    page = Page(browser, http_base(web)).open(key).connected()
+    page.set_value("max-tokens", "64")
+    # Six prompts of ~70 tokens + 64 reserved each, sent faster than any can finish.
+    page.js("""
+        const box = document.getElementById('prompt');
+        for (let i = 0; i < 6; i++) {
+          box.value = `spend the budget ${i} ` + 'word '.repeat(60);
+          document.getElementById('chat-form').requestSubmit();
+        }""")
+    def refused() -> list[dict[str, Any]]:
+        return [a for a in page.answers() if a["state"] == "error"]
+    first = wait_for(refused, 20, "a refused answer")[0]
+    assert re.search(r"Rate limited — this key may send again in \d+ (s|min)", first["meta"]), \
+        first["meta"]
 
 
 def test_the_page_fits_a_phone_width(browser: WebDriver, web: str, api_key: str,

@@ -267,6 +267,9 @@ export class Job extends Emitter {
   }
 }
 
+/** How long after one of its jobs ends a job refused for concurrency is sent again. */
+const SLOT_RELEASE_MS = 100;
+
 const DEFAULTS = {
   /** First reconnect delay; doubles per failed attempt up to `maxDelayMs`. */
   initialDelayMs: 250,
@@ -565,9 +568,10 @@ export class SluiceClient extends Emitter {
     const i = this._slotWaiters.indexOf(job);
     if (i >= 0) this._slotWaiters.splice(i, 1);
     if (job.id === null || !this._jobs.delete(job.id)) return;
-    // One of our slots is free: let a job refused for concurrency try again.
+    // One of our slots is free: let a job refused for concurrency try again, a
+    // moment later, as the worker releases the slot just after the job's last event.
     const waiter = this._slotWaiters.shift();
-    if (waiter) this._retryNow(waiter);
+    if (waiter) setTimeout(() => this._retryNow(waiter), SLOT_RELEASE_MS);
   }
 
   /** An `error` frame without a seq: a request that was refused. */
