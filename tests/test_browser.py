@@ -36,7 +36,7 @@ CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
 FAST = MockConfig(**MOCK)  # the session's mock
 #: A mock slow enough to watch answers stream side by side and to drop a socket mid-answer.
-SLOW = {"ttft_ms": 100, "itl_ms": 50, "output_tokens": 40}
+SLOW = {"ttft_ms": 100, "itl_ms": 40, "output_tokens": 100}
 #: Set to a path to keep a copy of the page's screenshot there (the notes of a dev session).
 SCREENSHOT_COPY = os.environ.get("SLUICE_SCREENSHOT_COPY", "")
 
@@ -97,6 +97,14 @@ def slow_env(start_proc: Callable[..., Proc], sluice_env: dict[str, str]
     yield env
     worker.stop()
     mock.stop()
+
+
+@pytest.fixture(scope="module")
+def slow_web(start_proc: Callable[..., Proc], slow_env: dict[str, str]) -> str:
+    """A front end of the slow stack: the base URL of its page."""
+    port = free_port()
+    start_web_on(start_proc, slow_env, port)
+    return f"http://127.0.0.1:{port}"
 
 
 class Page:
@@ -179,12 +187,11 @@ def test_an_answer_streams_into_its_bubble_as_the_mock_wrote_it(
     assert "server: queue" in answer["meta"], answer["meta"]
 
 
-def test_three_prompts_stream_side_by_side(browser: WebDriver, start_proc: Callable[..., Proc],
-                                           slow_env: dict[str, str], api_key: str) -> None:
+def test_three_prompts_stream_side_by_side(browser: WebDriver, slow_web: str,
+                                           api_key: str) -> None:
     """Three prompts sent one after another: three bubbles stream at the same time, each right."""
-    port = free_port()
-    start_web_on(start_proc, slow_env, port)
-    page = Page(browser, f"http://127.0.0.1:{port}").open(api_key).connected()
+    page = Page(browser, slow_web).open(api_key).connected()
+    page.set_value("max-tokens", "30")
     prompts = ["first of three", "second of three", "third of three"]
     for p in prompts:
         page.ask(p)  # the box never locks
@@ -194,7 +201,25 @@ def test_three_prompts_stream_side_by_side(browser: WebDriver, start_proc: Calla
     wait_for(all_streaming, 20, "three answers streaming at once")
     answers = page.wait_answers(3, "done")
     for p, a in zip(prompts, answers, strict=True):
-        assert a["text"] == expected_text(p, None, MockConfig(**SLOW))
+        assert a["text"] == expected_text(p, 30, MockConfig(**SLOW))
+
+
+def test_the_cancel_button_stops_its_answer(browser: WebDriver, slow_web: str,
+                                            api_key: str) -> None:
+    """Cancel on one of two streaming answers: that one stops short, the other completes."""
+    page = Page(browser, slow_web).open(api_key).connected()
+    page.set_value("max-tokens", "30")
+    page.ask("keep going")
+    page.ask("stop me")
+    wait_for(lambda: all(a["tokens"] >= 2 for a in page.answers()), 20, "both answers streaming")
+    page.driver.find_elements(By.CSS_SELECTOR, "#transcript .answer .cancel")[1].click()
+    wait_for(lambda: [a["state"] for a in page.answers()] == ["done", "cancelled"], 20,
+             "one answer done, the other cancelled")
+    kept, stopped = page.answers()
+    assert kept["text"] == expected_text("keep going", 30, MockConfig(**SLOW))
+    assert expected_text("stop me", 30, MockConfig(**SLOW)).startswith(stopped["text"])
+    assert len(stopped["text"]) < len(kept["text"])
+    assert "Cancelled." in stopped["meta"]
 
 
 def test_an_answer_completes_without_a_gap_across_a_front_end_restart(
