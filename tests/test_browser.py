@@ -43,7 +43,10 @@ SCREENSHOT_COPY = os.environ.get("SLUICE_SCREENSHOT_COPY", "")
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[WebDriver]:
-    """Headless Chromium; fails (never skips) when it cannot start."""
+    """Headless Chromium (or Firefox, see below); fails (never skips) when it cannot start."""
+    if os.environ.get("SLUICE_BROWSER") == "firefox":
+        yield from firefox()
+        return
     missing = [str(p) for p in (CHROMIUM, CHROMEDRIVER) if not p.exists()]
     if missing:
         pytest.fail(f"the browser tests need {' and '.join(missing)}: "
@@ -59,6 +62,22 @@ def browser() -> Iterator[WebDriver]:
                                   options=options)
     except Exception as e:  # noqa: BLE001 - any reason is the test's failure
         pytest.fail(f"headless Chromium did not start: {e}")
+    yield driver
+    driver.quit()
+
+
+def firefox() -> Iterator[WebDriver]:
+    """Headless Firefox, for a check by hand: ``SLUICE_BROWSER=firefox
+    SLUICE_GECKODRIVER=/path/to/geckodriver`` (Debian packages no geckodriver)."""
+    options = webdriver.FirefoxOptions()
+    options.add_argument("-headless")
+    options.add_argument("--width=1280")
+    options.add_argument("--height=1000")
+    try:
+        driver = webdriver.Firefox(options=options, service=webdriver.FirefoxService(
+            executable_path=os.environ.get("SLUICE_GECKODRIVER", "geckodriver")))
+    except Exception as e:  # noqa: BLE001 - any reason is the test's failure
+        pytest.fail(f"headless Firefox did not start: {e}")
     yield driver
     driver.quit()
 
