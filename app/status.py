@@ -108,6 +108,7 @@ class StatusBoard:
         #: metric name -> recent bucket snapshots, oldest first, for "recent" percentiles
         self._history: dict[str, deque[Buckets]] = {}
         self._workers: int | None = None
+        self._workers_problem = ""
         self._workers_at = -math.inf
         self._pinging = False
 
@@ -119,7 +120,10 @@ class StatusBoard:
             if self._snapshot is None or now - self._taken_at >= self.ttl_s:
                 self._snapshot = self._take(now)
                 self._taken_at = now
-            return {**self._snapshot, "workers_online": self._workers}
+            problems = dict(self._snapshot["problems"])
+            if self._workers_problem:
+                problems["workers"] = self._workers_problem
+            return {**self._snapshot, "workers_online": self._workers, "problems": problems}
 
     # -- the parts ---------------------------------------------------------
     def _take(self, now: float) -> dict[str, Any]:
@@ -176,9 +180,11 @@ class StatusBoard:
         try:
             replies = self.celery.control.ping(timeout=self.ping_timeout_s)
             self._workers = len(replies or [])
+            self._workers_problem = ""
         except Exception as e:  # noqa: BLE001 - any broker failure means "unknown"
             log.warning("status: could not ping the workers: %s", e)
             self._workers = None
+            self._workers_problem = f"cannot ping the workers: {e}"
         finally:
             self._workers_at = time.monotonic()
             self._pinging = False

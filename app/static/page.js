@@ -76,8 +76,9 @@ function explain(error) {
 
 // -- one answer on screen, bound to a job ------------------------------------------------
 class AnswerView {
-  constructor(element) {
+  constructor(element, onGrow = null) {
     this.el = element;
+    this.onGrow = onGrow;
     this.textEl = element.querySelector(".answer-text");
     this.metaEl = element.querySelector(".meta");
     this.cancelButton = element.querySelector(".cancel");
@@ -90,6 +91,7 @@ class AnswerView {
   bind(job) {
     this.job = job;
     job.on("update", () => schedule(this.render));
+    if (this.onGrow) job.on("token", this.onGrow);
     job.on("queued", () => (this.el.dataset.jobId = job.id));
     // The end is drawn at once: it is what people (and tests) wait for.
     job.on("done", () => this.draw());
@@ -149,28 +151,30 @@ function chatRequest() {
 }
 
 function sendChat(prompt) {
-  if (!client) {
-    notice("Paste an API key first.", { kind: "error" });
+  if (!client || client.state === "unauthorized") {
+    notice(client ? "The gateway refused this API key: paste a valid one first." : "Paste an API key first.",
+      { kind: "error" });
     $("key").focus();
-    return;
+    return false;
   }
   const turn = $("turn-template").content.firstElementChild.cloneNode(true);
   turn.querySelector(".user").textContent = prompt;
   const transcript = $("transcript");
   const stick = transcript.scrollHeight - transcript.scrollTop - transcript.clientHeight < 40;
   transcript.append(turn);
-  const view = new AnswerView(turn.querySelector(".answer"));
+  // Keep following the answers while they grow, unless the reader scrolled up.
+  const follow = () => {
+    if (transcript.scrollHeight - transcript.scrollTop - transcript.clientHeight < 80) {
+      schedule(() => (transcript.scrollTop = transcript.scrollHeight));
+    }
+  };
+  const view = new AnswerView(turn.querySelector(".answer"), follow);
   const request = { ...chatRequest(), prompt };
   const submit = () => view.bind(client.generate(request));
   view.retryButton.addEventListener("click", submit);
   submit();
   if (stick) transcript.scrollTop = transcript.scrollHeight;
-  // Keep following the newest answers while they grow, unless the reader scrolled up.
-  view.job.on("token", () => {
-    if (transcript.scrollHeight - transcript.scrollTop - transcript.clientHeight < 80) {
-      schedule(() => (transcript.scrollTop = transcript.scrollHeight));
-    }
-  });
+  return true;
 }
 
 $("chat-form").addEventListener("submit", (e) => {
@@ -178,9 +182,11 @@ $("chat-form").addEventListener("submit", (e) => {
   const box = $("prompt");
   const prompt = box.value.trim();
   if (!prompt) return;
-  box.value = "";
-  box.focus();
-  sendChat(prompt); // the box never locks: the next prompt may follow at once
+  // The box never locks: the next prompt may follow at once.
+  if (sendChat(prompt)) {
+    box.value = "";
+    box.focus();
+  }
 });
 
 $("prompt").addEventListener("keydown", (e) => {
@@ -193,8 +199,8 @@ $("prompt").addEventListener("keydown", (e) => {
 // -- bulk ---------------------------------------------------------------------------
 $("bulk-form").addEventListener("submit", (e) => {
   e.preventDefault();
-  if (!client) {
-    notice("Paste an API key first.", { kind: "error" });
+  if (!client || client.state === "unauthorized") {
+    notice("Paste a valid API key first.", { kind: "error" });
     return;
   }
   const lines = $("bulk-prompts").value.split("\n").map((l) => l.trim()).filter(Boolean);
@@ -335,7 +341,7 @@ async function pollStatus() {
         show("st-sockets", s.front_end?.open_sockets);
         show("st-running", s.jobs_running);
         show("st-queue", s.queue_depth);
-        show("st-workers", s.workers_online ?? "…");
+        show("st-workers", s.workers_online ?? (s.problems?.workers ? "?" : "…"));
         show("st-ttft", percentiles(s.ttft_ms));
         show("st-tpot", percentiles(s.tpot_ms));
         $("st-ttft-note").textContent = percentileNote(s.ttft_ms);
