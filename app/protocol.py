@@ -95,7 +95,7 @@ def parse(text: str | bytes, settings: Settings) -> Request:
     kind = frame.get("type")
     try:
         if kind == "generate":
-            return Generate(ref, _spec(frame, settings), "max_tokens" in frame)
+            return generate_request(frame, settings, ref)
         if kind == "auth":
             key = frame.get("key")
             if not isinstance(key, str) or not key:
@@ -110,6 +110,16 @@ def parse(text: str | bytes, settings: Settings) -> Request:
         raise
     raise ProtocolError("unknown_type", f"unknown frame type {kind!r:.40}; expected "
                         "'auth', 'generate', 'resume' or 'cancel'", ref)
+
+
+def generate_request(fields: dict[str, Any], settings: Settings, ref: Any = None) -> Generate:
+    """Validate a generation request: a ``generate`` frame's fields, or an HTTP API body's.
+
+    :param fields: ``prompt`` or ``messages``, and optionally ``model``, ``max_tokens``,
+        ``temperature``, ``seed``, ``session``; other keys are ignored.
+    :raises ProtocolError: a field is missing or bad; the error names it.
+    """
+    return Generate(ref, _spec(fields, settings), "max_tokens" in fields)
 
 
 def _spec(frame: dict[str, Any], settings: Settings) -> JobSpec:
