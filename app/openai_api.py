@@ -121,7 +121,8 @@ def _complete(chat: bool) -> ResponseReturnValue:
         parsed = parse(request, front.settings, chat=chat)
         submitted = _submit(front, key, parsed.generate)
     except ApiError as e:
-        if not any(h.startswith("x-ratelimit-") for h in e.headers):
+        # Not when Redis is what failed: asking it again would only add its timeout.
+        if e.status != 503 and not any(h.startswith("x-ratelimit-") for h in e.headers):
             e.headers.update(_limit_headers(front, key))
         raise
     headers = submitted.limits.headers() if submitted.limits is not None else {}

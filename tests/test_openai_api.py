@@ -107,6 +107,18 @@ def test_legacy_completions_stream_and_not(client: openai.OpenAI) -> None:
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 7
 
 
+def test_job_error_is_an_error_chunk_or_a_502(client: openai.OpenAI) -> None:
+    """A job the provider fails (it does not serve mock-2): an error chunk when streamed, 502 when not."""
+    stream = client.chat.completions.create(model="mock-2", messages=chat("hi"), max_tokens=3,
+                                            stream=True)
+    with pytest.raises(openai.APIError) as e:
+        list(stream)
+    assert e.value.code == "provider_404" and e.value.type == "server_error"
+    with pytest.raises(openai.InternalServerError) as e2:
+        client.chat.completions.create(model="mock-2", messages=chat("hi"), max_tokens=3)
+    assert e2.value.status_code == 502 and e2.value.code == "provider_404"
+
+
 def test_concurrent_streams_each_get_their_own_text(web: str, api_key: str) -> None:
     """Thirty simultaneous SDK streams through one front end: each gets exactly its text."""
     barrier = threading.Barrier(30)
