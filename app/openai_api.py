@@ -206,6 +206,7 @@ def _stream(feed: JobFeed, completion: Completion, client: Any, jobs: JobStore,
                 elif kind == "done":
                     yield from completion.ending(json.loads(frame))
                     yield DONE
+                    metrics.observe_done(frame)
                 elif kind == "error":
                     event = json.loads(frame)
                     yield completion.error(event["code"], event["message"])
@@ -234,6 +235,7 @@ def _wait(feed: JobFeed, headers: dict[str, str]) -> tuple[str, dict[str, Any]]:
         elif kind == "restart":
             pieces.clear()
         elif kind == "done":
+            metrics.observe_done(frame)
             return "".join(pieces), json.loads(frame)
         elif kind == "error":
             event = json.loads(frame)

@@ -46,6 +46,14 @@ def chat(prompt: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": prompt}]
 
 
+def metric(ws_url: str, name: str) -> float:
+    """A sample of the front end's /metrics (one process: no multiprocess directory)."""
+    url = ws_url.replace("ws://", "http://").replace("/ws", "/metrics")
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        text = resp.read().decode()
+    return float(re.search(rf"^{name} (\S+)$", text, re.M).group(1))  # type: ignore[union-attr]
+
+
 def jobs_of(r: redis.Redis, key: str) -> list[str]:
     """The ids of the jobs an API key has submitted."""
     kid = KeyStore(r).verify(key)
@@ -117,6 +125,16 @@ def test_job_error_is_an_error_chunk_or_a_502(client: openai.OpenAI) -> None:
     with pytest.raises(openai.InternalServerError) as e2:
         client.chat.completions.create(model="mock-2", messages=chat("hi"), max_tokens=3)
     assert e2.value.status_code == 502 and e2.value.code == "provider_404"
+
+
+def test_http_requests_count_in_the_front_ends_metrics(web: str, client: openai.OpenAI) -> None:
+    """A streamed request adds to the front end's submitted jobs, client TTFT and delivered TPOT."""
+    names = ("sluice_jobs_submitted_total", "sluice_client_ttft_seconds_count",
+             "sluice_delivered_tpot_seconds_count")
+    before = [metric(web, n) for n in names]
+    list(client.chat.completions.create(model="mock-1", messages=chat("count me"),
+                                        max_tokens=4, stream=True))
+    assert [metric(web, n) - b for n, b in zip(names, before, strict=True)] == [1, 1, 1]
 
 
 def test_concurrent_streams_each_get_their_own_text(web: str, api_key: str) -> None:
@@ -223,13 +241,6 @@ def slow_worker(start_proc: Callable[..., Proc], slow_env: dict[str, str]) -> Pr
     return start_worker(start_proc, slow_env, "http-slow")
 
 
-def followed_jobs(ws_url: str) -> float:
-    url = ws_url.replace("ws://", "http://").replace("/ws", "/metrics")
-    with urllib.request.urlopen(url, timeout=5) as resp:
-        text = resp.read().decode()
-    return float(re.search(r"^sluice_followed_jobs (\S+)$", text, re.M).group(1))  # type: ignore[union-attr]
-
-
 def test_worker_death_mid_stream_ends_the_stream_with_an_error(
         start_proc: Callable[..., Proc], slow_env: dict[str, str], slow_web: str,
         r: redis.Redis, request: pytest.FixtureRequest) -> None:
@@ -275,7 +286,7 @@ def test_disconnect_cancels_the_job_when_configured(slow_worker: Proc, slow_web:
         c.chat.completions.create(model="mock-1", messages=chat("wait for me"), max_tokens=40)
     waited = (set(jobs_of(r, key)) - {job_id}).pop()
     wait_for(lambda: status(waited) == "cancelled", 10, "the waited-for job's cancel")
-    wait_for(lambda: followed_jobs(slow_web) == 0, 5, "the follows to be undone")
+    wait_for(lambda: metric(slow_web, "sluice_followed_jobs") == 0, 5, "the follows to be undone")
 
 
 def test_stream_events_are_valid_sse(client: openai.OpenAI) -> None:
