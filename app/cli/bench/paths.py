@@ -8,12 +8,11 @@ CPU time over the path's blocks: on a busy machine the latency
 figures wander, the CPU figure much less).  The clients are minimal
 (``http.client``, ``websocket-client``) so their own cost stays out::
 
-    .venv/bin/python scripts/ttft_http_vs_ws.py --requests 60
+    sluice bench-paths --requests 60
 """
 
 from __future__ import annotations
 
-import argparse
 import http.client
 import json
 import os
@@ -22,6 +21,7 @@ import time
 from collections.abc import Callable
 from urllib.parse import urlsplit
 
+import click
 import websocket
 
 from app.cli.bench.config import StackOptions
@@ -78,13 +78,13 @@ def cpu_s(pids: list[int]) -> float:
     return total_ns / 1e9
 
 
-def main() -> None:
-    """Run the comparison and print the table."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=60, help="per path")
-    parser.add_argument("--mock-ttft-ms", type=float, default=100.0)
-    args = parser.parse_args()
-    stack = Stack(StackOptions(mock_ttft_ms=args.mock_ttft_ms, mock_itl_ms=20,
+@click.command("bench-paths")
+@click.option("--requests", default=60, show_default=True, type=click.IntRange(min=10),
+              help="Requests per path.")
+@click.option("--mock-ttft-ms", default=100.0, show_default=True)
+def bench_paths(requests: int, mock_ttft_ms: float) -> None:
+    """Client TTFT at one stream: the mock directly, Sluice's WebSocket, its HTTP API."""
+    stack = Stack(StackOptions(mock_ttft_ms=mock_ttft_ms, mock_itl_ms=20,
                                mock_output_tokens=3), model="mock-1")
     stack.start()
     try:
@@ -105,27 +105,27 @@ def main() -> None:
         web = stack.roles()["web"]
         ttfts: dict[str, list[float]] = {name: [] for name in paths}
         cpu = dict.fromkeys(paths, 0.0)
-        for block in range(0, args.requests, 10):
+        for block in range(0, requests, 10):
             # gunicorn closes a connection idle for 2 s (its keepalive): reconnect.
             mock.close()
             sluice.close()
             for name, send in paths.items():
                 before = cpu_s(web)
-                for i in range(block, min(block + 10, args.requests)):
+                for i in range(block, min(block + 10, requests)):
                     ttfts[name].append(send(f"request {i}") * 1000)
                 cpu[name] += cpu_s(web) - before
         ws.close()
     finally:
         stack.stop()
     direct = statistics.median(ttfts["direct"])
-    print(f"{'path':<10} {'p50 ms':>8} {'p90 ms':>8} {'added p50 ms':>13} "
+    click.echo(f"{'path':<10} {'p50 ms':>8} {'p90 ms':>8} {'added p50 ms':>13} "
           f"{'web CPU ms/request':>19}")
     for name, values in ttfts.items():
         q = statistics.quantiles(values, n=10)
         p50 = statistics.median(values)
-        print(f"{name:<10} {p50:8.1f} {q[8]:8.1f} {p50 - direct:13.1f} "
+        click.echo(f"{name:<10} {p50:8.1f} {q[8]:8.1f} {p50 - direct:13.1f} "
               f"{cpu[name] * 1000 / len(values):19.2f}")
 
 
 if __name__ == "__main__":
-    main()
+    bench_paths()
