@@ -105,14 +105,15 @@ def parse(text: str | bytes, settings: Settings) -> Request:
                             "levels are allowed") from e
     if not isinstance(frame, dict):
         raise ProtocolError("bad_frame", f"frame must be a JSON object, not {_kind(frame)}")
-    _check_text(frame)
     ref = frame.get("ref")
     if ref is not None and not (isinstance(ref, (str, int)) and not isinstance(ref, bool)
-                                and len(str(ref)) <= MAX_REF_CHARS):
+                                and len(str(ref)) <= MAX_REF_CHARS
+                                and not (isinstance(ref, str) and _SURROGATE.search(ref))):
         raise ProtocolError("bad_field", f"'ref' must be a string or integer of at most "
                             f"{MAX_REF_CHARS} characters")
     kind = frame.get("type")
     try:
+        _check_text(frame)
         if kind == "generate":
             return Generate(ref, _spec(frame, settings), "max_tokens" in frame)
         if kind == "auth":
