@@ -58,7 +58,8 @@ class FrontEnd:
         sockets = Sockets(store)
         relay = Relay(client, sockets, lost_after_s=settings.redis_lost_after_s)
         frames = FrameBudget(client, per_s=settings.key_frames_per_s,
-                             burst=settings.key_frame_burst)
+                             burst=settings.key_frame_burst,
+                             tiers={name: t.rates for name, t in admission.tiers.items()})
         return cls(settings, client, jobs, events, relay, auth, admission,
                    Intake(admission, jobs, dispatcher), celery, frames, sockets)
 

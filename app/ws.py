@@ -195,16 +195,15 @@ class Connection:
         """Charge the key's frame budget (one round trip), or refuse the frame."""
         assert self.key is not None
         try:
-            wait_s = self.frames.take(self.key.key_id, cost)
+            wait_s = self.frames.take(self.key.key_id, self.key.tier, cost)
         except (redis.ConnectionError, redis.TimeoutError):
             if self.settings.admission_fail_open:
                 return
             raise
         if wait_s:
-            raise ProtocolError("rate_limited", f"this API key's sockets sent more than "
-                                f"{self.settings.key_frame_burst} frames at "
-                                f"{self.settings.key_frames_per_s:g}/s; retry in "
-                                f"{wait_s:.3f}s", retry_after=wait_s, scope="key")
+            raise ProtocolError("rate_limited", f"this API key's sockets used up their "
+                                f"frame budget; retry in {wait_s:.3f}s",
+                                retry_after=wait_s, scope="key")
 
     def _check_follow_limit(self) -> None:
         limit = self.settings.max_follows_per_socket

@@ -12,10 +12,12 @@ API key's in Redis (:class:`FrameBudget`, one Lua call timed by Redis
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 
 import redis
 
 from tasks import keys
+from tasks.limits import Rates
 
 # Take ``cost`` frames from an API key's frame bucket, refilling it first; a
 # missing hash is a full bucket, which is why it may expire once it would be full.
@@ -73,23 +75,32 @@ class FrameBucket:
 class FrameBudget:
     """The frame allowance of every API key, in Redis.
 
+    It is never stricter than the key's tier: a tier that allows more requests
+    per minute than the configured burst gets that many frames per minute.
+
     Example::
 
-        budget = FrameBudget(client, per_s=500, burst=2000)
-        wait_s = budget.take(key_id, cost=3)    # one round trip
+        budget = FrameBudget(client, per_s=500, burst=2000, tiers={"pro": pro.rates})
+        wait_s = budget.take(key_id, "pro", cost=3)    # one round trip
     """
 
-    def __init__(self, client: redis.Redis, *, per_s: float, burst: int) -> None:
+    def __init__(self, client: redis.Redis, *, per_s: float, burst: int,
+                 tiers: Mapping[str, Rates] | None = None) -> None:
         self.per_s = per_s
         self.burst = burst
+        self.tiers = dict(tiers or {})
         self._take = client.register_script(TAKE)
 
-    def take(self, key_id: str, cost: float = 1.0) -> float:
+    def take(self, key_id: str, tier: str, cost: float = 1.0) -> float:
         """Take ``cost`` frames from the key's bucket; return 0.0, or seconds until they fit.
 
+        :param tier: the key's tier, whose request rate is the budget's floor.
         :raises redis.RedisError: Redis cannot be reached.
         """
-        cost = min(cost, self.burst)
+        rates = self.tiers.get(tier)
+        per_minute = rates.requests_per_minute if rates else 0
+        burst = max(self.burst, per_minute)
+        per_s = max(self.per_s, per_minute / 60)
         wait_ms = self._take(keys=[keys.frames(key_id)],
-                             args=[self.burst, repr(float(self.per_s)), repr(float(cost))])
+                             args=[burst, repr(float(per_s)), repr(float(min(cost, burst)))])
         return int(wait_ms) / 1000
