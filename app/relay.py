@@ -94,6 +94,8 @@ class Relay:
         self.run_id: str | None = None
         #: The watcher was told of the current outage (not to be told twice).
         self.lost = False
+        #: When Redis last answered on the pub/sub connection (monotonic seconds).
+        self.heard = time.monotonic()
 
     def start(self) -> None:
         """Start listening, if not already; never blocks."""
@@ -139,7 +141,8 @@ class Relay:
             except Exception as e:  # the reader must outlive anything
                 now = time.monotonic()
                 if down_since is None:
-                    down_since = now
+                    # A silent connection has been down since Redis last spoke.
+                    down_since = min(now, self.heard)
                     log.warning("relay lost its Redis connection (%r); reconnecting", e,
                                 exc_info=not isinstance(e, (redis.ConnectionError,
                                                             redis.TimeoutError, OSError)))
@@ -156,18 +159,18 @@ class Relay:
                     pass
 
     def _listen(self, pubsub: redis.client.PubSub) -> None:
-        heard = next_ping = time.monotonic()
+        self.heard = next_ping = time.monotonic()
         while True:
             self._send_commands(pubsub)
             message = pubsub.get_message(timeout=POLL_S)
             now = time.monotonic()
             while message is not None:
-                heard = now
+                self.heard = now
                 self._dispatch(message)
                 message = pubsub.get_message(timeout=0)
             if now >= next_ping:
-                if now - heard > DEAD_AFTER_S:
-                    raise redis.TimeoutError(f"no reply from Redis for {now - heard:.1f}s")
+                if now - self.heard > DEAD_AFTER_S:
+                    raise redis.TimeoutError(f"no reply from Redis for {now - self.heard:.1f}s")
                 pubsub.ping()
                 next_ping = now + PING_S
 

@@ -114,6 +114,7 @@ class Connection:
             if self.key is None:
                 timeout = deadline - time.monotonic()
                 if timeout <= 0:
+                    metrics.REQUESTS_REJECTED.labels("auth_timeout").inc()
                     self.close(Closing.error(AUTH_TIMEOUT, ProtocolError(
                         "auth_timeout", f"no 'auth' frame within "
                         f"{self.settings.auth_timeout_s:g}s of connecting").frame()))

@@ -322,6 +322,30 @@ def test_losing_redis_tells_clients_to_reconnect_and_new_work_flows_after(
         server.stop()
 
 
+def test_a_silent_redis_is_noticed_within_seconds(start_proc: Callable[..., Proc],
+                                                  hard_env: dict[str, str]) -> None:
+    """A Redis that stops answering (CLIENT PAUSE) without dropping connections is counted as lost."""
+    server = RedisServer().start()
+    web, url = start_web_proc(start_proc, {**hard_env, "REDIS_URL": server.url,
+                                           "SLUICE_QUEUE": "nobody-consumes"})
+    client = redis.Redis.from_url(server.url)
+    try:
+        c = Client(url, KeyStore(client).create("paused", "unlimited")[0])
+        c.send(type="generate", prompt="wait for me", max_tokens=5)
+        job_id = c.recv()["job_id"]  # queued and followed; no worker ever takes it
+        client.execute_command("CLIENT", "PAUSE", 8000, "ALL")
+        t0 = time.monotonic()
+        frames, code = until_close(c)
+        assert time.monotonic() - t0 < 6
+        assert code == 1013 and frames[-1]["jobs"] == {job_id: -1}
+        c.close()
+    finally:
+        web.kill()
+        web.stop()
+        server.stop()
+        client.close()
+
+
 # -- 9. shutdown -------------------------------------------------------------------------
 
 def test_sigterm_closes_sockets_at_once_and_clients_resume_elsewhere(
