@@ -279,7 +279,8 @@ def test_a_socket_follows_each_job_once_and_a_bounded_number(hard_web: str, r: r
 # -- 8. Redis loss ---------------------------------------------------------------------
 
 def test_losing_redis_tells_clients_to_reconnect_and_new_work_flows_after(
-        start_proc: Callable[..., Proc], hard_env: dict[str, str]) -> None:
+        start_proc: Callable[..., Proc], hard_env: dict[str, str],
+        connect: Callable[..., Client]) -> None:
     """Redis killed mid-stream: within seconds a 'reconnect' frame (unavailable) and 1013; once back, jobs run."""
     port = free_port()
     server = RedisServer(port).start()
@@ -288,7 +289,7 @@ def test_losing_redis_tells_clients_to_reconnect_and_new_work_flows_after(
     web, url = start_web_proc(start_proc, env)
     try:
         raw = KeyStore(redis.Redis.from_url(server.url)).create("lossy", "unlimited")[0]
-        c = Client(url, raw)
+        c = connect(url, key=raw)
         c.send(type="generate", prompt="through an outage", max_tokens=100)
         job_id = c.recv()["job_id"]
         c.until(lambda f: f.get("seq") == 3)
@@ -302,18 +303,17 @@ def test_losing_redis_tells_clients_to_reconnect_and_new_work_flows_after(
         last_seq = max(f["seq"] for f in c.frames if f.get("job_id") == job_id and "seq" in f)
         assert frames[-1] == {"type": "reconnect", "code": "unavailable",
                               "message": frames[-1]["message"], "jobs": {job_id: last_seq}}
-        c.close()
         server = RedisServer(port).start()  # back, and empty
         KeyStore(redis.Redis.from_url(server.url)).create("lossy", "unlimited", raw=raw)
 
         def new_job_runs() -> bool:
-            c2 = Client(url, raw)
             try:
-                c2.send(type="generate", prompt="after the outage", max_tokens=3)
-                q = c2.recv()
-                return q["type"] == "queued" and c2.finish({q["job_id"]})[q["job_id"]][-1]["type"] == "done"
-            finally:
-                c2.close()
+                c2 = connect(url, key=raw)
+            except websocket.WebSocketBadStatusException:  # 503 until Redis answers
+                return False
+            c2.send(type="generate", prompt="after the outage", max_tokens=3)
+            q = c2.recv()
+            return q["type"] == "queued" and c2.finish({q["job_id"]})[q["job_id"]][-1]["type"] == "done"
         wait_for(new_job_runs, 30, "a job to run after Redis came back")
     finally:
         worker.kill()  # its attempt at the lost job would hold up a warm shutdown
@@ -323,14 +323,15 @@ def test_losing_redis_tells_clients_to_reconnect_and_new_work_flows_after(
 
 
 def test_a_silent_redis_is_noticed_within_seconds(start_proc: Callable[..., Proc],
-                                                  hard_env: dict[str, str]) -> None:
+                                                  hard_env: dict[str, str],
+                                                  connect: Callable[..., Client]) -> None:
     """A Redis that stops answering (CLIENT PAUSE) without dropping connections is counted as lost."""
     server = RedisServer().start()
     web, url = start_web_proc(start_proc, {**hard_env, "REDIS_URL": server.url,
                                            "SLUICE_QUEUE": "nobody-consumes"})
     client = redis.Redis.from_url(server.url)
     try:
-        c = Client(url, KeyStore(client).create("paused", "unlimited")[0])
+        c = connect(url, key=KeyStore(client).create("paused", "unlimited")[0])
         c.send(type="generate", prompt="wait for me", max_tokens=5)
         job_id = c.recv()["job_id"]  # queued and followed; no worker ever takes it
         client.execute_command("CLIENT", "PAUSE", 8000, "ALL")
@@ -338,7 +339,6 @@ def test_a_silent_redis_is_noticed_within_seconds(start_proc: Callable[..., Proc
         frames, code = until_close(c)
         assert time.monotonic() - t0 < 6
         assert code == 1013 and frames[-1]["jobs"] == {job_id: -1}
-        c.close()
     finally:
         web.kill()
         web.stop()
