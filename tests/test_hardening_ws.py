@@ -8,7 +8,7 @@ import secrets
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +31,10 @@ DEMO_KEY = "sk-sluice-" + secrets.token_urlsafe(32)
 
 
 @pytest.fixture(scope="module")
-def slow_mock(start_proc: Callable[..., Proc]) -> str:
-    return start_mock(start_proc, **SLOW)[1]
+def slow_mock(start_proc: Callable[..., Proc]) -> Iterator[str]:
+    proc, url = start_mock(start_proc, **SLOW)
+    yield url
+    proc.stop()
 
 
 @pytest.fixture(scope="module")
@@ -46,23 +48,31 @@ def hard_env(sluice_env: dict[str, str], slow_mock: str) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def hard_worker(start_proc: Callable[..., Proc], hard_env: dict[str, str]) -> Proc:
-    return start_worker(start_proc, {**hard_env, "SLUICE_WORKER_CONCURRENCY": "50"}, "hard")
+def hard_worker(start_proc: Callable[..., Proc], hard_env: dict[str, str]) -> Iterator[Proc]:
+    """Stopped with the module: later tests (Flower's) must not find it on the broker."""
+    proc = start_worker(start_proc, {**hard_env, "SLUICE_WORKER_CONCURRENCY": "50"}, "hard")
+    yield proc
+    proc.stop()
 
 
 @pytest.fixture(scope="module")
-def hard_web(start_proc: Callable[..., Proc], hard_env: dict[str, str], hard_worker: Proc) -> str:
-    return start_web(start_proc, hard_env)
+def hard_web(start_proc: Callable[..., Proc], hard_env: dict[str, str],
+             hard_worker: Proc) -> Iterator[str]:
+    proc, url = start_web_proc(start_proc, hard_env)
+    yield url
+    proc.stop()
 
 
 @pytest.fixture(scope="module")
-def roomy_web(start_proc: Callable[..., Proc], hard_env: dict[str, str], hard_worker: Proc) -> str:
+def roomy_web(start_proc: Callable[..., Proc], hard_env: dict[str, str],
+              hard_worker: Proc) -> Iterator[str]:
     """Same stack, budgets out of the way and frames up to 250 kB (for the fuzzer)."""
-    return start_web(start_proc, {**hard_env, "SLUICE_SOCKET_FRAME_BURST": "1000000",
-                                  "SLUICE_SOCKET_FRAMES_PER_S": "1000000",
-                                  "SLUICE_KEY_FRAME_BURST": "1000000",
-                                  "SLUICE_KEY_FRAMES_PER_S": "1000000",
-                                  "SLUICE_MAX_FRAME_BYTES": "250000"})
+    proc, url = start_web_proc(start_proc, {
+        **hard_env, "SLUICE_SOCKET_FRAME_BURST": "1000000", "SLUICE_SOCKET_FRAMES_PER_S": "1000000",
+        "SLUICE_KEY_FRAME_BURST": "1000000", "SLUICE_KEY_FRAMES_PER_S": "1000000",
+        "SLUICE_MAX_FRAME_BYTES": "250000"})
+    yield url
+    proc.stop()
 
 
 def start_web_proc(start_proc: Callable[..., Proc], env: dict[str, str]) -> tuple[Proc, str]:
