@@ -109,9 +109,11 @@ def make_control_read_only() -> None:
 def _start_housekeeping(sender: object, **_: object) -> None:
     import gevent
 
+    from tasks.generate import keep_leases
     from workers.reaper import listen_for_cancels, reap_forever
 
     rt: WorkerRuntime = sender.app.sluice  # type: ignore[attr-defined]
     metrics.serve(rt.settings.metrics_port, lambda: len(rt.attempts))
+    gevent.spawn(keep_leases, rt)
     gevent.spawn(reap_forever, rt)
     gevent.spawn(listen_for_cancels, rt)

@@ -1,16 +1,21 @@
 """Worker housekeeping: re-enqueue jobs whose worker died, and stop cancelled ones at once.
 
-A dead worker's jobs: their lease ran out without being released.
+A dead worker's jobs: their lease ran out without being released.  Every
+worker process renews the leases of its running jobs every third of a lease
+(:func:`tasks.generate.keep_leases`) and runs a reaper that looks for leases
+that ran out every sixth of a lease; a Lua claim makes sure each orphan is
+re-enqueued by one reaper only.  With the default 3 s lease, a killed
+worker's jobs restart 2-3.5 s after the kill.
 
-Celery's Redis transport also redelivers unacked messages, but only after the
-visibility timeout, which must exceed the longest job.  The lease notices a
-dead worker within ``lease_ttl_s``; every worker process runs a reaper, and a
-Lua claim makes sure each orphan is re-enqueued by one of them.
+Celery's Redis transport also redelivers a dead worker's unacked messages,
+but only after the visibility timeout; by then the reaper has re-run the job
+(or it has ended), and the late copy does nothing.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from typing import TYPE_CHECKING
 
 import gevent
@@ -25,29 +30,41 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: How often a worker process samples the depth of its queue for metrics.
+QUEUE_DEPTH_PERIOD_S = 5.0
+
 
 def reap_forever(rt: WorkerRuntime) -> None:
-    """Every half lease, re-enqueue the jobs whose lease ran out and sample the queue depth."""
-    period_s = rt.settings.lease_ttl_s / 2
+    """Re-enqueue the jobs whose lease ran out, every ``reaper_period_s``; never returns."""
+    next_sample = 0.0
     while True:
-        gevent.sleep(period_s)
+        gevent.sleep(rt.settings.reaper_period_s)
         try:
             reap_once(rt)
-            metrics.QUEUE_DEPTH.labels(rt.settings.queue).set(rt.redis.llen(rt.settings.queue))
+            if time.monotonic() >= next_sample:
+                next_sample = time.monotonic() + QUEUE_DEPTH_PERIOD_S
+                metrics.QUEUE_DEPTH.labels(rt.settings.queue).set(
+                    rt.redis.llen(rt.settings.queue))
         except Exception:  # Redis or broker trouble must not end the loop
             log.exception("reaper: this round failed; trying again")
 
 
 def reap_once(rt: WorkerRuntime) -> list[str]:
-    """Claim and re-enqueue orphaned jobs; return their ids."""
-    orphans = rt.jobs.claim_orphans(grace_ms=rt.settings.lease_ttl_s * 3000)
+    """Claim and re-enqueue orphaned jobs; return their ids.
+
+    An orphan that has ended lost its worker after its last event but before
+    its chat session moved on: the reaper moves the session on instead.
+    """
+    orphans = rt.jobs.claim_orphans(grace_ms=round(rt.settings.claim_grace_s * 1000))
     for job_id in orphans:
-        queue = rt.jobs.queue_of(job_id)
-        if queue is None or rt.jobs.status(job_id) in FINAL:
+        job = rt.jobs.get(job_id)
+        if job is None or job.status in FINAL:
+            if job is not None and job.spec.session:
+                rt.dispatcher.start_next(job.spec.owner, job.spec.session, job_id)
             rt.jobs.forget_running(job_id)
             continue
-        log.warning("job %s lost its worker; re-enqueueing it on %r", job_id, queue)
-        rt.dispatcher.send(job_id, queue)
+        log.warning("job %s lost its worker; re-enqueueing it on %r", job_id, job.spec.queue)
+        rt.dispatcher.send(job_id, job.spec.queue)
     return orphans
 
 
