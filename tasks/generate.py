@@ -119,6 +119,7 @@ class Attempt:
         self.finish: Finish | None = None
         self.error: ProviderError | None = None
         self.times: list[float] = []  # when each piece arrived
+        self.logged = 0  # pieces written to the log
 
     def run(self) -> bool:
         """Generate, then log ``done`` or ``error`` and settle the job in the same call.
@@ -178,8 +179,9 @@ class Attempt:
         if not self.cancelled and error is None and finish is not None:
             return self._finish_done(finish, attempt, t_start, times, deployment)
         # Once the provider streamed, it billed the prompt (the admission count
-        # stands in for it); before that, everything is refunded.
-        bill = self._bill(None, len(times)) if times else self._bill(0, 0)
+        # stands in for it) and the key pays for the text it was sent; before
+        # that, everything is refunded.
+        bill = self._bill(None, self.logged) if times else self._bill(0, 0)
         if self.cancelled:
             self._finish_cancelled(bill)
             return Report("cancelled", deployment)
@@ -254,10 +256,12 @@ class Attempt:
         # cannot miss a wake-up.
         while True:
             if self.pending:
+                pieces = len(self.pending)
                 text = "".join(self.pending)
                 self.pending.clear()
                 try:
                     appended = self._emit("token", {"text": text})
+                    self.logged += pieces
                 except LeaseLostError:
                     self.halt(lease_lost=True)
                     return

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 import gevent
 import redis
+from kombu.exceptions import OperationalError
 
 from tasks import keys
 from tasks.jobs import FINAL
@@ -45,7 +46,9 @@ def reap_forever(rt: WorkerRuntime) -> None:
                 next_sample = time.monotonic() + QUEUE_DEPTH_PERIOD_S
                 metrics.QUEUE_DEPTH.labels(rt.settings.queue).set(
                     rt.redis.llen(rt.settings.queue))
-        except Exception:  # Redis or broker trouble must not end the loop
+        except (redis.RedisError, OperationalError) as e:  # an outage: say so, briefly
+            log.warning("reaper: Redis unreachable, trying again: %s", e)
+        except Exception:  # nothing must end the loop
             log.exception("reaper: this round failed; trying again")
 
 
