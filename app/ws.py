@@ -299,6 +299,8 @@ class Connection:
             if kind == "token":
                 metrics.CLIENT_TTFT.observe(ttft_s)
                 self.jobs.record_client_ttft(job_id, ttft_s * 1000)
+        if kind == "done":
+            metrics.observe_done(frame)
         if kind in TERMINAL:
             del self.following[job_id]
             metrics.FOLLOWED_JOBS.dec()

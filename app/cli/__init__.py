@@ -65,6 +65,7 @@ def run(port: int, concurrency: str) -> None:
         env["SLUICE_FLOWER_USER"] = env.get("SLUICE_FLOWER_USER", "admin")
         env["SLUICE_FLOWER_PASSWORD"] = secrets.token_urlsafe(12)
     click.echo(f"sluice: WebSocket endpoint  ws://127.0.0.1:{port}/ws")
+    click.echo(f"sluice: in the browser      http://127.0.0.1:{port}/")
     click.echo(f"sluice: health              http://127.0.0.1:{port}/readyz")
     if env.get("SLUICE_DEMO_KEY"):
         click.echo(f"sluice: demo API key        {env['SLUICE_DEMO_KEY']}  (tier 'pro'; send it "
