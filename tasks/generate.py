@@ -49,14 +49,14 @@ def generate(self: Task, job_id: str) -> None:
         # Only the session may need a hand: its worker may have died between
         # the end and starting the next job (idempotent otherwise).
         log.info("job %s has ended; this copy does nothing", job_id)
-        start_next(rt, job_id, start.owner, start.session)
+        _start_next(rt, job_id, start.owner, start.session)
     elif start.job is not None and Attempt(rt, start.job, token).run():
-        start_next(rt, job_id, start.job.spec.owner, start.job.spec.session)
+        _start_next(rt, job_id, start.job.spec.owner, start.job.spec.session)
         rt.jobs.release_lease(job_id, token)
     # else another attempt owns the job now, and will end it
 
 
-def start_next(rt: Runtime, job_id: str, owner: str, session: str | None) -> None:
+def _start_next(rt: Runtime, job_id: str, owner: str, session: str | None) -> None:
     """Start the next job of an ended job's chat session (idempotent)."""
     if session:
         rt.dispatcher.start_next(owner, session, job_id)

@@ -6,7 +6,7 @@ import json
 import re
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import redis
 
@@ -180,7 +180,7 @@ class Start:
     ``session`` say which session to advance) or ``missing``.
     """
 
-    outcome: str
+    outcome: Literal["started", "held", "ended", "missing"]
     job: Job | None = None
     owner: str = ""
     session: str = ""
@@ -250,11 +250,6 @@ class JobStore:
         value = self.redis.hget(keys.job(job_id), "queue")
         return _text(value) if value is not None else None
 
-    def status(self, job_id: str) -> str | None:
-        """The job's status, or ``None`` when it does not exist."""
-        value = self.redis.hget(keys.job(job_id), "status")
-        return _text(value) if value is not None else None
-
     def record_client_ttft(self, job_id: str, ms: float) -> None:
         """Record when the submitting client got its first token (ms after acceptance)."""
         self.redis.hsetnx(keys.job(job_id), "client_ttft_ms", round(ms, 3))
@@ -263,10 +258,6 @@ class JobStore:
         """The client-facing TTFT a front end recorded, if any."""
         value = self.redis.hget(keys.job(job_id), "client_ttft_ms")
         return float(value) if value is not None else None
-
-    def cancel_requested(self, job_id: str) -> bool:
-        """Whether a cancel was requested for the job."""
-        return bool(self.redis.hexists(keys.job(job_id), "cancel"))
 
     def request_cancel(self, job_id: str) -> bool:
         """Flag a job for cancellation; return whether the job exists."""

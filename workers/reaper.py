@@ -5,7 +5,7 @@ worker process renews the leases of its running jobs every third of a lease
 (:func:`tasks.generate.keep_leases`) and runs a reaper that looks for leases
 that ran out every sixth of a lease; a Lua claim makes sure each orphan is
 re-enqueued by one reaper only.  With the default 3 s lease, a killed
-worker's jobs restart 2-3.5 s after the kill.
+worker's jobs restart about 3 s after the kill (README, "Reliability").
 
 Celery's Redis transport also redelivers a dead worker's unacked messages,
 but only after the visibility timeout; by then the reaper has re-run the job
