@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -178,6 +179,11 @@ def ledger(r: redis.Redis) -> Ledger:
 def words(events: list[dict[str, Any]]) -> int:
     """How many mock tokens (one word each) the job's last attempt sent."""
     return len(text_of(events).split())
+
+
+def unacked(r: redis.Redis, queue: str) -> int:
+    """How many messages of ``queue`` kombu holds as taken but not acked."""
+    return sum(1 for raw in r.hvals("unacked") if json.loads(raw)[2] == queue)
 
 
 def contiguous(events: list[dict[str, Any]]) -> bool:
@@ -403,6 +409,35 @@ def test_cancel_bills_the_prompt_and_the_tokens_sent(pool: Pool, web: str, ledge
     ev = c.finish({job_id})[job_id]
     assert ev[-1]["type"] == "error" and ev[-1]["code"] == "cancelled"
     ledger.assert_settled(ledger.prompt_tokens(40), words(ev))
+
+
+# -- messages lost with their worker ----------------------------------------------------------------
+
+def test_message_taken_by_a_worker_that_died_is_delivered_again(
+        start_proc: Callable[..., Proc], failing_env: dict[str, str], failing_web: str,
+        ledger: Ledger, r: redis.Redis, connect: Callable[..., Client]) -> None:
+    """A worker killed between taking a job's message and leasing the job: the job runs after the visibility timeout."""
+    c = connect(failing_web, key=ledger.raw)
+    c.send(type="generate", prompt="lost and found", max_tokens=5)
+    job_id = ledger.submitted(c.recv())
+    # A consumer takes the message without acking it, and dies.
+    taker = ("import os\nfrom kombu import Connection\n"
+             f"with Connection({failing_env['REDIS_URL']!r}) as conn:\n"
+             f"    conn.SimpleQueue({failing_env['SLUICE_QUEUE']!r}).get(timeout=10)\n"
+             "    os._exit(0)\n")
+    subprocess.run([sys.executable, "-c", taker], check=True, timeout=30)
+    queue = failing_env["SLUICE_QUEUE"]
+    assert unacked(r, queue) == 1 and r.hget(keys.job(job_id), "status") == b"queued"
+    worker = start_worker(start_proc, {**failing_env, "SLUICE_VISIBILITY_TIMEOUT_S": "2"},
+                          "visibility")
+    try:
+        ev = c.finish({job_id})[job_id]
+    finally:
+        worker.stop()
+    assert contiguous(ev) and ev[-1]["type"] == "done" and ev[-1]["metrics"]["attempts"] == 1
+    assert text_of(ev) == expected_text("lost and found", 5, SLOW_CONFIG)
+    assert unacked(r, queue) == 0
+    ledger.assert_settled(ev[-1]["usage"]["prompt_tokens"], 5)
 
 
 # -- Redis outage -----------------------------------------------------------------------------------

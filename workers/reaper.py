@@ -7,9 +7,14 @@ that ran out every sixth of a lease; a Lua claim makes sure each orphan is
 re-enqueued by one reaper only.  With the default 3 s lease, a killed
 worker's jobs restart about 3 s after the kill (README, "Reliability").
 
-Celery's Redis transport also redelivers a dead worker's unacked messages,
-but only after the visibility timeout; by then the reaper has re-run the job
-(or it has ended), and the late copy does nothing.
+Celery's Redis transport keeps a message that a worker took but never acked
+(it died) in its unacked hash, to be delivered again after the visibility
+timeout; by then the reaper has re-run the job (or it has ended), and the
+late copy does nothing.  It matters for a worker killed between taking a
+message and leasing its job: nothing else would run that job.  kombu looks
+for such messages only when a consumer's poll comes back empty, which a
+gevent worker's never does (its BRPOP always answers first), so the reaper
+asks for the sweep itself (:func:`restore_unacked`).
 """
 
 from __future__ import annotations
@@ -33,11 +38,20 @@ log = logging.getLogger(__name__)
 
 #: How often a worker process samples the depth of its queue for metrics.
 QUEUE_DEPTH_PERIOD_S = 5.0
+#: How often, at most, a worker process looks for messages unacked past the visibility timeout.
+RESTORE_PERIOD_S = 10.0
+#: Messages put back per sweep.
+RESTORE_BATCH = 100
 
 
 def reap_forever(rt: WorkerRuntime) -> None:
-    """Re-enqueue the jobs whose lease ran out, every ``reaper_period_s``; never returns."""
-    next_sample = 0.0
+    """Re-enqueue the jobs whose lease ran out, every ``reaper_period_s``; never returns.
+
+    Also samples the queue depth and, now and then, puts back on their queues
+    the messages left unacked past the visibility timeout.
+    """
+    restore_period_s = min(RESTORE_PERIOD_S, rt.settings.visibility_timeout_s / 2)
+    next_sample = next_restore = 0.0
     while True:
         gevent.sleep(rt.settings.reaper_period_s)
         try:
@@ -46,6 +60,9 @@ def reap_forever(rt: WorkerRuntime) -> None:
                 next_sample = time.monotonic() + QUEUE_DEPTH_PERIOD_S
                 metrics.QUEUE_DEPTH.labels(rt.settings.queue).set(
                     rt.redis.llen(rt.settings.queue))
+            if time.monotonic() >= next_restore:
+                next_restore = time.monotonic() + restore_period_s
+                restore_unacked(rt)
         except (redis.RedisError, OperationalError) as e:  # an outage: say so, briefly
             log.warning("reaper: Redis unreachable, trying again: %s", e)
         except Exception:  # nothing must end the loop
@@ -69,6 +86,17 @@ def reap_once(rt: WorkerRuntime) -> list[str]:
         log.warning("job %s lost its worker; re-enqueueing it on %r", job_id, job.spec.queue)
         rt.dispatcher.send(job_id, job.spec.queue)
     return orphans
+
+
+def restore_unacked(rt: WorkerRuntime) -> None:
+    """Put messages unacked for longer than the visibility timeout back on their queues.
+
+    The sweep is kombu's own (a mutex makes one process do it at a time);
+    each message goes back once, and the copy of a job that is running or
+    has ended does nothing.
+    """
+    with rt.dispatcher.celery.pool.acquire(block=True) as conn:
+        conn.default_channel.qos.restore_visible(num=RESTORE_BATCH, interval=1)
 
 
 def listen_for_cancels(rt: WorkerRuntime) -> None:
