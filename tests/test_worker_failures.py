@@ -221,7 +221,7 @@ def test_stalled_worker_is_fenced_off_and_halts(pool: Pool, web: str, slow_mock:
                                                 connect: Callable[..., Client]) -> None:
     """A worker frozen past its lease: another re-runs the job; thawed, it writes nothing and closes its stream."""
     c = connect(web)
-    c.send(type="generate", prompt="freeze mid-stream", max_tokens=160)
+    c.send(type="generate", prompt="freeze mid-stream", max_tokens=120)
     job_id = c.recv()["job_id"]
     for _ in range(3):
         c.until(lambda f: f.get("type") == "token")
@@ -237,7 +237,7 @@ def test_stalled_worker_is_fenced_off_and_halts(pool: Pool, web: str, slow_mock:
              "the stale attempt to close its provider stream")
     ev = c.finish({job_id})[job_id]
     assert contiguous(ev) and [e["type"] for e in ev].count("restart") == 1
-    assert text_of(ev) == expected_text("freeze mid-stream", 160, SLOW_CONFIG)
+    assert text_of(ev) == expected_text("freeze mid-stream", 120, SLOW_CONFIG)
     assert ev[-1]["type"] == "done" and ev[-1]["metrics"]["attempts"] == 2
     assert "lease lost" in stale.log() and stale.popen.poll() is None
 
@@ -483,7 +483,7 @@ def test_redis_outage_mid_stream_reruns_the_job(start_proc: Callable[..., Proc],
     url = start_web(start_proc, env)
     try:
         c = Client(url, key)
-        c.send(type="generate", prompt="through an outage", max_tokens=120)
+        c.send(type="generate", prompt="through an outage", max_tokens=60)
         job_id = c.recv()["job_id"]
         for _ in range(5):
             c.until(lambda f: f.get("type") == "token")
@@ -502,7 +502,7 @@ def test_redis_outage_mid_stream_reruns_the_job(start_proc: Callable[..., Proc],
         ev = c.finish({job_id})[job_id]
         c.close()
         assert contiguous(ev) and [e["type"] for e in ev].count("restart") == 1
-        assert text_of(ev) == expected_text("through an outage", 120, SLOW_CONFIG)
+        assert text_of(ev) == expected_text("through an outage", 60, SLOW_CONFIG)
         assert ev[-1]["type"] == "done" and ev[-1]["metrics"]["attempts"] == 2
         print(f"Redis back -> restart: {rerun_s:.1f} s", file=sys.stderr)
         # The same worker process serves new jobs: its consumer reconnected.
