@@ -21,6 +21,9 @@ from tasks.runtime import Finish, ProviderError, Report, Runtime
 
 log = logging.getLogger(__name__)
 
+#: Leases renewed per Redis call, so that one call never blocks Redis for long.
+RENEW_BATCH = 200
+
 
 class AttemptAbandonedError(RuntimeError):
     """Redis stayed out of reach; the job is left to be re-run when its lease runs out."""
@@ -87,10 +90,6 @@ def keep_leases(rt: Runtime) -> None:
                         attempt.halt(cancelled=True)
         except Exception as e:  # noqa: BLE001 - the loop must outlive any one failure
             log.warning("renewing %d leases failed: %r", len(attempts), e)
-
-
-#: Leases renewed per Redis call, so that one call never blocks Redis for long.
-RENEW_BATCH = 200
 
 
 class Attempt:
