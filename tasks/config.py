@@ -38,9 +38,14 @@ class Settings:
     event_ttl_s: int = 3600
     #: Upper bound of one generation; also the lease's hard stop.
     job_timeout_s: int = 600
-    lease_ttl_s: int = 10
-    #: Must exceed job_timeout_s: a message not acked within it is redelivered.
-    visibility_timeout_s: int = 3600
+    #: A job's lease runs out this long after its worker's last heartbeat (see
+    #: the properties below): a killed worker's jobs restart within ~1.2x this.
+    lease_ttl_s: int = 3
+    #: A message its worker has not acked within this is delivered again.  The
+    #: lease makes a copy of a running or ended job do nothing, so it need not
+    #: exceed job_timeout_s; it bounds how long a job taken by a worker killed
+    #: before it leased the job waits.
+    visibility_timeout_s: int = 300
     cancel_on_disconnect: bool = False
     worker_concurrency: int = 500
     provider_timeout_s: float = 60.0
@@ -87,6 +92,21 @@ class Settings:
     def job_ttl_s(self) -> int:
         """How long an unfinished job's record, log and reservation may live."""
         return self.job_timeout_s + self.event_ttl_s
+
+    @property
+    def heartbeat_period_s(self) -> float:
+        """How often a worker process renews the leases of all its running jobs."""
+        return self.lease_ttl_s / 3
+
+    @property
+    def reaper_period_s(self) -> float:
+        """How often each worker process looks for jobs whose lease ran out."""
+        return self.lease_ttl_s / 6
+
+    @property
+    def claim_grace_s(self) -> float:
+        """How long a re-enqueued orphan waits to be claimed again if its re-run never starts."""
+        return self.lease_ttl_s * 3
 
     @property
     def slot_ttl_s(self) -> int:

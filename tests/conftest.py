@@ -144,6 +144,16 @@ max_concurrent_jobs = 50
 max_prompt_tokens = 100
 max_output_tokens = 64
 default_output_tokens = 16
+
+# Exact billing checks: one request per key and minute, so the request level
+# a settle leaves says how long after the reserve it came.
+[tiers.ledger]
+tokens_per_minute = 120
+requests_per_minute = 1
+max_concurrent_jobs = 1
+max_prompt_tokens = 40
+max_output_tokens = 64
+default_output_tokens = 16
 """
 
 

@@ -9,10 +9,13 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+from urllib.parse import urlparse
 
 import pytest
+import redis
 
 from app.cli.dev.redis_server import free_port
+from tasks import keys
 from tests.conftest import Client, Proc, wait_for
 
 BIN = Path(sys.executable).parent
@@ -31,11 +34,13 @@ def _get(url: str, auth: tuple[str, str] | None = None) -> tuple[int, str]:
         return e.code, body
 
 
-def _sample(text: str, name: str) -> float:
-    """The value of the first sample line starting with ``name``."""
+def _sample(text: str, name: str, default: float | None = None) -> float:
+    """The value of the first sample line starting with ``name`` (``default`` when none)."""
     for line in text.splitlines():
         if line.startswith(name):
             return float(line.rsplit(" ", 1)[1])
+    if default is not None:
+        return default
     raise AssertionError(f"no sample {name!r} in:\n{text[:2000]}")
 
 
@@ -46,37 +51,56 @@ def _run_job(web: str, connect: Callable[[str], Client], prompt: str = "observe 
     return c.finish({job_id})[job_id][-1]
 
 
-def test_done_carries_every_per_job_metric(web: str, connect: Callable[[str], Client]) -> None:
+def test_done_carries_every_per_job_metric(web: str, mock: str, r: redis.Redis,
+                                           connect: Callable[[str], Client]) -> None:
     """done.metrics has queue wait, provider and client TTFT, TPOT, ITL, E2E, deployment, attempts."""
     done = _run_job(web, connect)
     m = done["metrics"]
-    for key in ("queue_wait_ms", "provider_ttft_ms", "client_ttft_ms", "tpot_ms", "itl_p50_ms",
-                "itl_max_ms", "generation_ms", "e2e_ms", "deployment", "attempts"):
-        assert m.get(key) is not None, key
-    assert m["provider_ttft_ms"] <= m["e2e_ms"]
-    assert 5 <= m["tpot_ms"] <= 60  # the session's mock streams a token every 15 ms
+    assert set(m) == {"queue_wait_ms", "provider_ttft_ms", "client_ttft_ms", "tpot_ms",
+                      "itl_p50_ms", "itl_max_ms", "generation_ms", "e2e_ms", "deployment",
+                      "attempts"}
+    record = {k.decode(): v.decode() for k, v in r.hgetall(keys.job(done["job_id"])).items()}
+    # What the job's record holds, the metrics repeat exactly.
+    assert m["queue_wait_ms"] == int(record["started_ms"]) - int(record["created_ms"])
+    assert m["client_ttft_ms"] == float(record["client_ttft_ms"])
+    assert m["deployment"] == urlparse(mock).netloc
     assert m["attempts"] == 1
+    # The session's mock: first token after 40 ms, then one every 15 ms (6 tokens).
+    assert 40 <= m["provider_ttft_ms"] <= m["generation_ms"] <= m["e2e_ms"]
+    assert m["generation_ms"] >= 40 + 5 * 15
+    assert 5 <= m["tpot_ms"] <= 60
+    assert 0 < m["itl_p50_ms"] <= m["itl_max_ms"]
 
 
 def test_front_end_metrics_count_sockets_and_ttft(web: str, connect: Callable[[str], Client]) -> None:
-    """/metrics on the front end exposes open sockets and the client-facing TTFT histogram."""
+    """/metrics on the front end counts each open socket and each job's client-facing TTFT once."""
+    url = web.replace("ws://", "http://").replace("/ws", "/metrics")
+    # Sockets of earlier tests are closed, but the server may not have seen it yet.
+    wait_for(lambda: _sample(_get(url)[1], "sluice_open_sockets") == 0, 10,
+             "earlier tests' sockets to be closed")
+    before = _sample(_get(url)[1], "sluice_client_ttft_seconds_count", 0.0)
     _run_job(web, connect)
-    status, text = _get(web.replace("ws://", "http://").replace("/ws", "/metrics"))
+    status, text = _get(url)
     assert status == 200
-    assert _sample(text, "sluice_client_ttft_seconds_count") >= 1
-    assert _sample(text, "sluice_open_sockets") >= 1  # the test's own socket is still open
+    assert _sample(text, "sluice_client_ttft_seconds_count") == before + 1
+    assert _sample(text, "sluice_open_sockets") == 1  # the test's own socket
     assert "sluice_requests_rejected_total" in text
 
 
 def test_worker_metrics_count_jobs_and_tokens(web: str, connect: Callable[[str], Client],
                                               sluice_env: dict[str, str]) -> None:
-    """The worker's /metrics counts finished jobs, output tokens and samples the queue depth."""
-    _run_job(web, connect)
+    """The worker's /metrics counts each finished job and its output tokens, and samples the queue depth."""
     url = f"http://127.0.0.1:{sluice_env['SLUICE_METRICS_PORT']}/metrics"
+    wait_for(lambda: _sample(_get(url)[1], "sluice_jobs_in_flight") == 0, 20,
+             "earlier tests' jobs to end")
+    before = _get(url)[1]
+    _run_job(web, connect)
     status, text = _get(url)
     assert status == 200
-    assert _sample(text, 'sluice_jobs_total{outcome="done"}') >= 1
-    assert _sample(text, 'sluice_tokens_total{direction="out"}') >= 6
+    for name, added in (('sluice_jobs_total{outcome="done"}', 1),
+                        ('sluice_tokens_total{direction="out"}', 6),
+                        ("sluice_e2e_seconds_count", 1)):
+        assert _sample(text, name) == _sample(before, name, 0.0) + added, name
     assert "sluice_provider_ttft_seconds_bucket" in text
     wait_for(lambda: 'sluice_queue_depth{queue="sluice"}' in _get(url)[1], 10, "a queue depth sample")
 
