@@ -15,6 +15,7 @@ from tasks.jobs import JobStore
 from tasks.queue import Dispatcher, make_celery
 from tasks.runtime import Report
 from workers import metrics
+from workers.broker import transport_for
 from workers.provider import Provider
 
 
@@ -78,6 +79,7 @@ def create_celery(settings: Settings | None = None) -> Celery:
         worker_soft_shutdown_timeout=float(settings.job_timeout_s),
         worker_enable_soft_shutdown_on_idle=False,
         worker_send_task_events=settings.task_events,
+        broker_transport=transport_for(settings.broker),
     )
     app.sluice = WorkerRuntime(settings, app)
     if not settings.remote_control:
