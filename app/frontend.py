@@ -14,7 +14,7 @@ from app.relay import Relay
 from tasks.config import Settings
 from tasks.events import EventLog
 from tasks.jobs import JobStore
-from tasks.queue import Dispatcher, make_celery
+from tasks.queue import Dispatcher, TaskMessages, make_celery
 
 
 @dataclass(frozen=True)
@@ -48,8 +48,10 @@ class FrontEnd:
         dispatcher = Dispatcher(celery, jobs, events, admission.budget)
         auth = Authenticator(KeyStore(client), allow_anonymous=settings.allow_anonymous,
                              anonymous_tier=settings.anonymous_tier, demo_key=settings.demo_key)
+        # Enqueued by the job-creation script when the broker is this Redis.
+        messages = TaskMessages(celery) if TaskMessages.inline(settings) else None
         return cls(settings, client, jobs, events, Relay(client), auth, admission,
-                   Intake(admission, jobs, dispatcher), celery)
+                   Intake(admission, jobs, dispatcher, messages), celery)
 
     def ready(self) -> dict[str, str]:
         """Check Redis and the broker; return a problem per failing part."""
