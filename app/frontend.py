@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import redis
@@ -15,6 +16,9 @@ from tasks.config import Settings
 from tasks.events import EventLog
 from tasks.jobs import JobStore
 from tasks.queue import Dispatcher, TaskMessages, make_celery
+from tasks.warmup import load_encodings, load_scripts
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,21 @@ class FrontEnd:
         messages = TaskMessages(celery) if TaskMessages.inline(settings) else None
         return cls(settings, client, jobs, events, Relay(client), auth, admission,
                    Intake(admission, jobs, dispatcher, messages), celery)
+
+    def warm(self) -> None:
+        """Load the models' token encodings, connect to Redis and load its scripts now.
+
+        Done at start, so the first request does not pay for it (100-200 ms);
+        best effort: with Redis down the front end still starts, and
+        ``/readyz`` says what is wrong.
+        """
+        try:
+            load_encodings(self.settings.model_names)
+            load_scripts(self.redis, self.jobs, self.events, self.admission.budget)
+        except redis.RedisError as e:
+            log.warning("warm-up: Redis unreachable (%s)", e)
+        except Exception:  # a warm-up must not stop the front end
+            log.exception("warm-up failed")
 
     def ready(self) -> dict[str, str]:
         """Check Redis and the broker; return a problem per failing part."""

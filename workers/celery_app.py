@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 from functools import cached_property
 
+import redis
 from celery import Celery
 from celery.signals import worker_ready
 
@@ -14,9 +16,12 @@ from tasks.generate import Attempt
 from tasks.jobs import JobStore
 from tasks.queue import Dispatcher, make_celery
 from tasks.runtime import Report
+from tasks.warmup import load_scripts
 from workers import metrics
 from workers.broker import transport_for
 from workers.provider import Provider
+
+log = logging.getLogger(__name__)
 
 
 class WorkerRuntime:
@@ -42,6 +47,21 @@ class WorkerRuntime:
     def provider(self) -> Provider:
         """The model provider client."""
         return Provider(self.settings)
+
+    def warm(self) -> None:
+        """Connect to Redis, load its scripts, build the provider and call it once per pool.
+
+        Done at start, so this process's first job does not pay for it; best
+        effort: whatever fails is left for the jobs to report.
+        """
+        try:
+            load_scripts(self.redis, self.jobs, self.events, self.budget)
+        except redis.RedisError as e:
+            log.warning("warm-up: Redis unreachable (%s)", e)
+        try:
+            self.provider.warm()
+        except Exception:  # a warm-up must not stop the worker
+            log.exception("warm-up: could not build the provider client")
 
     def record(self, report: Report) -> None:
         """Count an attempt's outcome in this process's metrics."""
@@ -114,6 +134,7 @@ def _start_housekeeping(sender: object, **_: object) -> None:
     from workers.reaper import listen_for_cancels, reap_forever
 
     rt: WorkerRuntime = sender.app.sluice  # type: ignore[attr-defined]
+    rt.warm()
     metrics.serve(rt.settings.metrics_port, lambda: len(rt.attempts))
     gevent.spawn(reap_forever, rt)
     gevent.spawn(listen_for_cancels, rt)
