@@ -5,14 +5,12 @@ ack and every QoS step (``Channel.conn_or_acquire`` calls ``_create_client``),
 and each one copies redis-py's ~300 response callbacks: about 6 % of a
 worker's CPU per job.  A ``redis.Redis`` is only a facade over the channel's
 connection pool, safe to share between greenlets, so one per pool serves them
-all.  kombu has no setting for this; Celery takes a transport class in
-``broker_transport`` and still reads the ``redis://`` URL as before.
+all.  kombu has no setting for this (nor an open issue about it).
 """
 
 from __future__ import annotations
 
 from typing import Any
-from urllib.parse import urlparse
 
 import redis
 from kombu.transport import redis as kombu_redis
@@ -33,16 +31,12 @@ class Channel(kombu_redis.Channel):
         return self._shared[1]
 
 
-class Transport(kombu_redis.Transport):
-    """kombu's Redis transport with :class:`Channel`."""
+def share_redis_clients() -> None:
+    """Make kombu's Redis transport use :class:`Channel` in this process (idempotent).
 
-    Channel = Channel
-
-
-def transport_for(broker_url: str) -> type[Transport] | None:
-    """The ``broker_transport`` for a broker URL: ours for ``redis://``, else kombu's own.
-
-    Other brokers (``amqp://``, ``rediss://`` whose TLS defaults kombu derives
-    from the scheme, Sentinel) keep the transport their scheme names.
+    Set on kombu's ``Transport.Channel`` rather than passed as Celery's
+    ``broker_transport``: the broker URL then keeps its ``redis://`` scheme,
+    which Flower and the worker's banner read, and ``rediss://`` keeps kombu's
+    TLS defaults.  Other brokers (AMQP, Sentinel) are left alone.
     """
-    return Transport if urlparse(broker_url).scheme == "redis" else None
+    kombu_redis.Transport.Channel = Channel

@@ -18,7 +18,7 @@ from tasks.queue import Dispatcher, make_celery
 from tasks.runtime import Report
 from tasks.warmup import load_scripts
 from workers import metrics
-from workers.broker import transport_for
+from workers.broker import share_redis_clients
 from workers.provider import Provider
 
 log = logging.getLogger(__name__)
@@ -80,6 +80,7 @@ def create_celery(settings: Settings | None = None) -> Celery:
         Dispatcher(app, jobs, events, budget).enqueue(job_id, "sluice")
     """
     settings = settings or Settings.from_env()
+    share_redis_clients()
     app = make_celery(
         settings,
         include=["tasks.generate"],
@@ -99,7 +100,6 @@ def create_celery(settings: Settings | None = None) -> Celery:
         worker_soft_shutdown_timeout=float(settings.job_timeout_s),
         worker_enable_soft_shutdown_on_idle=False,
         worker_send_task_events=settings.task_events,
-        broker_transport=transport_for(settings.broker),
     )
     app.sluice = WorkerRuntime(settings, app)
     if not settings.remote_control:

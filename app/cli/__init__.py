@@ -55,6 +55,10 @@ def run(port: int, concurrency: str) -> None:
     else:
         env["OPENAI_BASE_URL"] = f"http://127.0.0.1:{free_port()}/v1"
         env["SLUICE_DEV_MOCK"] = "1"
+        # honcho starts the mock with everything else and it may answer last
+        # (~10 s on a busy 2-core box): a prompt sent as soon as /readyz says
+        # ok retries until it does (0.5, 1, 2, 4, 8, 8 s) instead of failing.
+        env.setdefault("SLUICE_PROVIDER_MAX_RETRIES", "6")
     env.setdefault("SLUICE_DEV", "1")
     # The Procfile's commands live beside this interpreter (the venv's bin/).
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
