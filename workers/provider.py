@@ -53,8 +53,7 @@ class Provider:
             http_client=openai.DefaultHttpxClient(verify=tls, limits=httpx2.Limits(
                 max_connections=None, max_keepalive_connections=keep)))
             for _ in range(POOLS)]
-        #: Open streams per client.
-        self.open = [0] * POOLS
+        self._streams = [0] * POOLS  # open streams per client
         #: A bounded label for metrics: the deployment's host and port.
         self.name = urlparse(settings.openai_base_url).netloc or "default"
 
@@ -75,12 +74,12 @@ class Provider:
         # every request goes to the first pool, whose connection is then still
         # alive (httpx drops one idle for 5 s; round robin would let each idle
         # K times longer); under load the streams spread evenly.
-        i = self.open.index(min(self.open))
-        self.open[i] += 1
+        i = self._streams.index(min(self._streams))
+        self._streams[i] += 1
         try:
             response = self._post(self.clients[i], body)
         except BaseException:
-            self.open[i] -= 1
+            self._closed(i)
             raise
         return Completion(response, lambda: self._closed(i))
 
@@ -117,7 +116,7 @@ class Provider:
             client.close()
 
     def _closed(self, i: int) -> None:
-        self.open[i] -= 1
+        self._streams[i] -= 1
 
 
 class Completion:
