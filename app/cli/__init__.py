@@ -184,7 +184,6 @@ def flower(port: int, flower_args: tuple[str, ...]) -> None:
     them Flower refuses to start unless SLUICE_DEV=1 (then it is open, on
     localhost only).  Flower lists tasks only with SLUICE_TASK_EVENTS=1.
     """
-
     user = os.environ.get("SLUICE_FLOWER_USER", "")
     password = os.environ.get("SLUICE_FLOWER_PASSWORD", "")
     argv = ["celery", "-A", "workers.make_celery", "flower", f"--port={port}"]
