@@ -13,6 +13,7 @@ import click
 
 from app.cli.bench.admission import admission_bench
 from app.cli.bench.cli import bench
+from app.cli.bench.paths import bench_paths
 from app.cli.dev.redis_server import RedisServer, answers, free_port
 from app.cli.keys import keys, usage
 from tasks.config import Settings
@@ -29,6 +30,7 @@ main.add_command(keys)
 main.add_command(usage)
 main.add_command(bench)
 main.add_command(admission_bench)
+main.add_command(bench_paths)
 
 
 @main.command()
@@ -73,6 +75,7 @@ def run(port: int, concurrency: str) -> None:
         env["SLUICE_FLOWER_USER"] = env.get("SLUICE_FLOWER_USER", "admin")
         env["SLUICE_FLOWER_PASSWORD"] = secrets.token_urlsafe(12)
     click.echo(f"sluice: WebSocket endpoint  ws://127.0.0.1:{port}/ws")
+    click.echo(f"sluice: in the browser      http://127.0.0.1:{port}/")
     click.echo(f"sluice: health              http://127.0.0.1:{port}/readyz")
     if env.get("SLUICE_DEMO_KEY"):
         click.echo(f"sluice: demo API key        {env['SLUICE_DEMO_KEY']}  (tier 'pro'; send it "
