@@ -27,7 +27,8 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     app.config.from_mapping(
         SOCK_SERVER_OPTIONS={"ping_interval": 25, "max_message_size": settings.max_frame_bytes},
     )
-    app.extensions["sluice"] = FrontEnd.build(settings)
+    app.extensions["sluice"] = front = FrontEnd.build(settings)
+    front.warm()
     ws.sock.init_app(app)
     app.register_blueprint(ws.bp)
     app.register_blueprint(health.bp)

@@ -16,21 +16,26 @@ JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 FINAL = frozenset({"done", "error", "cancelled"})
 
 # Create a job record and, for a chat session, queue it behind the session's
-# earlier jobs.
+# earlier jobs; put the job's broker message on the Celery queue when it may
+# start now, so that a submit is one call (no producer round trip of its own).
 # KEYS[1] job hash, KEYS[2] session list (a dummy key when there is no session),
-# KEYS[3] the Celery queue's list (for its depth; never written)
-# ARGV[1] TTL seconds, ARGV[2] session name ('' for none), ARGV[3..] field, value…
+# KEYS[3] the Celery queue's list (its depth; the message goes on it)
+# ARGV[1] TTL seconds, ARGV[2] session name ('' for none), ARGV[3] the broker
+# message ('' to enqueue it elsewhere), ARGV[4..] field, value…
 # Returns {session jobs ahead of this one (0 = may start now), jobs waiting in the queue}.
 CREATE = """
 local t = redis.call('TIME')
 redis.call('HSET', KEYS[1], 'created_ms', t[1] * 1000 + math.floor(t[2] / 1000),
-           'status', 'queued', unpack(ARGV, 3))
+           'status', 'queued', unpack(ARGV, 4))
 redis.call('EXPIRE', KEYS[1], ARGV[1])
 local waiting = redis.call('LLEN', KEYS[3])
-if ARGV[2] == '' then return {0, waiting} end
-local n = redis.call('RPUSH', KEYS[2], string.sub(KEYS[1], -32))
-redis.call('EXPIRE', KEYS[2], ARGV[1])
-return {n - 1, waiting}
+local ahead = 0
+if ARGV[2] ~= '' then
+  ahead = redis.call('RPUSH', KEYS[2], string.sub(KEYS[1], -32)) - 1
+  redis.call('EXPIRE', KEYS[2], ARGV[1])
+end
+if ahead == 0 and ARGV[3] ~= '' then redis.call('LPUSH', KEYS[3], ARGV[3]) end
+return {ahead, waiting}
 """
 
 # Take a finished job off the head of its session and name the next one,
@@ -206,9 +211,13 @@ class JobStore:
         self._cancel = client.register_script(CANCEL)
         self._claim = client.register_script(CLAIM_ORPHANS)
 
-    def create(self, spec: JobSpec, job_id: str | None = None) -> tuple[str, int]:
+    def create(self, spec: JobSpec, job_id: str | None = None, message: str = ""
+               ) -> tuple[str, int]:
         """Store a new job, under ``job_id`` when given (admission chose it).
 
+        :param message: the job's broker message (see :class:`tasks.queue.TaskMessages`),
+            pushed onto ``spec.queue`` in the same call when the job may start now
+            (no session, or the session's first); empty: the caller enqueues.
         :return: the job id and its position: how many of its session's jobs run
             before it, or for a job without a session, how many jobs wait in its queue.
         """
@@ -227,7 +236,7 @@ class JobStore:
         flat = [x for kv in fields.items() for x in kv]
         session_key = keys.session(spec.owner, spec.session) if spec.session else keys.job(job_id)
         ahead, waiting = self._create(keys=[keys.job(job_id), session_key, spec.queue],
-                                      args=[self.ttl_s, spec.session or "", *flat])
+                                      args=[self.ttl_s, spec.session or "", message, *flat])
         return job_id, int(ahead if spec.session else waiting)
 
     def get(self, job_id: str) -> Job | None:

@@ -16,6 +16,8 @@ import redis
 
 from app.cli.dev.redis_server import free_port
 from tasks import keys
+from tasks.config import Settings
+from tasks.queue import make_celery
 from tests.conftest import Client, Proc, wait_for
 
 BIN = Path(sys.executable).parent
@@ -108,8 +110,14 @@ def test_worker_metrics_count_jobs_and_tokens(web: str, connect: Callable[[str],
 @pytest.fixture(scope="module")
 def flower(start_proc: Callable[..., Proc], sluice_env: dict[str, str], worker: Proc) -> str:
     port = free_port()
+    # Task events are off by default; with them on, Flower turns them on in the
+    # workers every few seconds: the fixture does it now so the first job is seen.
     env = {**sluice_env, "SLUICE_FLOWER_USER": "ops", "SLUICE_FLOWER_PASSWORD": "s3cret",
-           "SLUICE_DEV": "0"}
+           "SLUICE_DEV": "0", "SLUICE_TASK_EVENTS": "1"}
+    celery = make_celery(Settings.from_env(sluice_env))
+    wait_for(lambda: celery.control.enable_events(reply=True, timeout=1), 20,
+             "the worker to turn its task events on")
+    celery.close()
     proc = start_proc("flower", [str(BIN / "sluice"), "flower", "--port", str(port),
                                  "--address=127.0.0.1"], env)
     url = f"http://127.0.0.1:{port}"

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import functools
+import logging
 import time
 from functools import cached_property
 from typing import Any
 
+import redis
 from celery import Celery
 from celery.signals import worker_ready
 from celery.worker.consumer import Consumer as CeleryConsumer
@@ -18,8 +20,12 @@ from tasks.generate import Attempt
 from tasks.jobs import JobStore
 from tasks.queue import Dispatcher, make_celery
 from tasks.runtime import Report
+from tasks.warmup import load_scripts
 from workers import metrics
+from workers.broker import share_redis_clients
 from workers.provider import Provider
+
+log = logging.getLogger(__name__)
 
 
 class WorkerRuntime:
@@ -46,6 +52,21 @@ class WorkerRuntime:
         """The model provider client."""
         return Provider(self.settings)
 
+    def warm(self) -> None:
+        """Connect to Redis, load its scripts, build the provider and call it once per pool.
+
+        Done at start, so this process's first job does not pay for it; best
+        effort: whatever fails is left for the jobs to report.
+        """
+        try:
+            load_scripts(self.redis, self.jobs, self.events, self.budget)
+        except redis.RedisError as e:
+            log.warning("warm-up: Redis unreachable (%s)", e)
+        try:
+            self.provider.warm()
+        except Exception:  # a warm-up must not stop the worker
+            log.exception("warm-up: could not build the provider client")
+
     def record(self, report: Report) -> None:
         """Count an attempt's outcome in this process's metrics."""
         metrics.record(report)
@@ -63,6 +84,7 @@ def create_celery(settings: Settings | None = None) -> Celery:
         Dispatcher(app, jobs, events, budget).enqueue(job_id, "sluice")
     """
     settings = settings or Settings.from_env()
+    share_redis_clients()
     app = make_celery(
         settings,
         include=["tasks.generate"],
@@ -156,6 +178,7 @@ def _start_housekeeping(sender: object, **_: object) -> None:
     from workers.reaper import listen_for_cancels, reap_forever
 
     rt: WorkerRuntime = sender.app.sluice  # type: ignore[attr-defined]
+    rt.warm()
     metrics.serve(rt.settings.metrics_port, lambda: len(rt.attempts))
     gevent.spawn(keep_leases, rt)
     gevent.spawn(reap_forever, rt)

@@ -16,6 +16,7 @@ from app.cli.bench.cli import bench
 from app.cli.bench.paths import bench_paths
 from app.cli.dev.redis_server import RedisServer, answers, free_port
 from app.cli.keys import keys, usage
+from tasks.config import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -56,6 +57,10 @@ def run(port: int, concurrency: str) -> None:
     else:
         env["OPENAI_BASE_URL"] = f"http://127.0.0.1:{free_port()}/v1"
         env["SLUICE_DEV_MOCK"] = "1"
+        # honcho starts the mock with everything else and it may answer last
+        # (~10 s on a busy 2-core box): a prompt sent as soon as /readyz says
+        # ok retries until it does (0.5, 1, 2, 4, 8, 8 s) instead of failing.
+        env.setdefault("SLUICE_PROVIDER_MAX_RETRIES", "6")
     env.setdefault("SLUICE_DEV", "1")
     # The Procfile's commands live beside this interpreter (the venv's bin/).
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
@@ -63,6 +68,9 @@ def run(port: int, concurrency: str) -> None:
         from app.apikeys import KEY_PREFIX
 
         env["SLUICE_DEMO_KEY"] = KEY_PREFIX + secrets.token_urlsafe(32)
+    if env["SLUICE_DEV"] == "1":
+        # The quickstart prints Flower's URL: let it show tasks (events cost ~1 ms per job).
+        env.setdefault("SLUICE_TASK_EVENTS", "1")
     if env["SLUICE_DEV"] == "1" and not env.get("SLUICE_FLOWER_PASSWORD"):
         env["SLUICE_FLOWER_USER"] = env.get("SLUICE_FLOWER_USER", "admin")
         env["SLUICE_FLOWER_PASSWORD"] = secrets.token_urlsafe(12)
@@ -177,7 +185,7 @@ def flower(port: int, flower_args: tuple[str, ...]) -> None:
 
     Credentials come from SLUICE_FLOWER_USER and SLUICE_FLOWER_PASSWORD; without
     them Flower refuses to start unless SLUICE_DEV=1 (then it is open, on
-    localhost only).
+    localhost only).  Flower lists tasks only with SLUICE_TASK_EVENTS=1.
     """
     user = os.environ.get("SLUICE_FLOWER_USER", "")
     password = os.environ.get("SLUICE_FLOWER_PASSWORD", "")
@@ -189,6 +197,10 @@ def flower(port: int, flower_args: tuple[str, ...]) -> None:
     else:
         raise click.UsageError("refusing to start Flower without SLUICE_FLOWER_USER and "
                                "SLUICE_FLOWER_PASSWORD (set SLUICE_DEV=1 to allow it on localhost)")
+    if not Settings.from_env().task_events:
+        # Flower would otherwise switch every worker's task events back on
+        # (enable_events every few seconds), undoing SLUICE_TASK_EVENTS=0.
+        argv.append("--enable_events=False")
     celery = Path(sys.executable).parent / "celery"
     sys.stdout.flush()
     os.execv(str(celery), [str(celery), *argv[1:], *flower_args])
