@@ -13,6 +13,7 @@ import click
 
 from app.cli.bench.admission import admission_bench
 from app.cli.bench.cli import bench
+from app.cli.bench.paths import bench_paths
 from app.cli.dev.redis_server import RedisServer, answers, free_port
 from app.cli.keys import keys, usage
 
@@ -28,6 +29,7 @@ main.add_command(keys)
 main.add_command(usage)
 main.add_command(bench)
 main.add_command(admission_bench)
+main.add_command(bench_paths)
 
 
 @main.command()
