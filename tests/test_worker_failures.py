@@ -492,7 +492,8 @@ def test_redis_outage_mid_stream_reruns_the_job(start_proc: Callable[..., Proc],
         store.proc.popen.wait()
         # Giving up takes a lease period of failed appends; the lease, last
         # renewed before the kill, has run out by then.
-        worker.wait_log("Redis unreachable; left for a re-run", 15)
+        log = worker.wait_log("Redis unreachable; left for a re-run", 15)
+        assert f"job {job_id}: append failed, retrying" in log
         store.proc = store.start()
         back = time.monotonic()
         c = Client(url, key, timeout_s=60)
