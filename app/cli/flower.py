@@ -15,7 +15,6 @@ import os
 import secrets
 import sys
 from base64 import b64decode
-from collections.abc import Awaitable
 from typing import Any
 
 import click
@@ -62,36 +61,34 @@ def flower(port: int, host: str, flower_args: tuple[str, ...]) -> None:
 
 
 def protect_every_route() -> None:
-    """Make every handler of Flower's URL table answer 401 without the basic-auth credentials.
+    """Make Flower answer 401 to any request without the basic-auth credentials.
 
-    Flower reads its table when its application is built, so this must run
-    before Flower starts.
+    The check sits where tornado picks a request's handler
+    (``Application.get_handler_delegate``, meant to be overridden), so it covers
+    every route: Flower's table, tornado's own static route and the 404
+    handler alike.  Must run before Flower builds its application.
     """
-    from flower import urls
+    from flower import command
+    from flower.app import Flower
+    from tornado.web import RequestHandler
 
-    urls.handlers[:] = [_guarded(spec) for spec in urls.handlers]
-
-
-def _guarded(spec: Any) -> Any:
-    from tornado.routing import URLSpec
-
-    if isinstance(spec, URLSpec):
-        return URLSpec(spec.regex.pattern, _guard(spec.handler_class), spec.kwargs, spec.name)
-    return (spec[0], _guard(spec[1]), *spec[2:])
-
-
-def _guard(handler: type[Any]) -> type[Any]:
-    def prepare(self: Any) -> Awaitable[None] | None:
-        if not authorized(self.request.headers.get("Authorization", ""),
-                          self.application.options.basic_auth or ()):
+    class Unauthorized(RequestHandler):
+        def prepare(self) -> None:
             self.set_status(401)
             self.set_header("WWW-Authenticate", 'Basic realm="flower"')
             self.finish("Access denied")
-            return None
-        result: Awaitable[None] | None = handler.prepare(self)
-        return result
 
-    return type(f"Guarded{handler.__name__}", (handler,), {"prepare": prepare})
+    class GuardedFlower(Flower):  # type: ignore[misc]  # flower ships no types
+        def get_handler_delegate(self, request: Any, target_class: Any,
+                                 target_kwargs: Any = None, path_args: Any = None,
+                                 path_kwargs: Any = None) -> Any:
+            if not authorized(request.headers.get("Authorization", ""),
+                              self.options.basic_auth or ()):
+                target_class, target_kwargs = Unauthorized, None
+            return super().get_handler_delegate(request, target_class, target_kwargs,
+                                                path_args, path_kwargs)
+
+    command.Flower = GuardedFlower
 
 
 def authorized(header: str, credentials: Any) -> bool:
