@@ -20,8 +20,8 @@ from tasks import keys
 from tests.conftest import wait_for
 
 STREAMS = 200
-SUBMIT_S = 40.0  # kills happen while jobs are being sent; then the open jobs finish
-DRAIN_S = 30.0
+SUBMIT_S = 30.0  # kills happen while jobs are being sent; then the open jobs finish
+DRAIN_S = 20.0
 KILL_EVERY_S = 4.0
 #: Error codes a job may honestly end with when its model or Redis went away.
 CLEAR_ERRORS = {"error:provider_unavailable", "error:provider_stream_broken", "error:timeout",
