@@ -19,7 +19,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
 
         gunicorn -k gevent 'app:create_app()'
     """
-    from app import health, metrics, usage, ws
+    from app import health, metrics, openai_api, page, usage, ws
     from app.frontend import FrontEnd
 
     settings = Settings.from_env(**(test_config or {}))
@@ -33,4 +33,6 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     app.register_blueprint(health.bp)
     app.register_blueprint(metrics.bp)
     app.register_blueprint(usage.bp)
+    app.register_blueprint(page.bp)
+    app.register_blueprint(openai_api.bp)
     return app

@@ -11,8 +11,10 @@ from app.admission import Admission
 from app.apikeys import Authenticator, KeyStore
 from app.intake import Intake
 from app.relay import Relay
+from app.sockets import Sockets
 from tasks.config import Settings
 from tasks.events import EventLog
+from tasks.frames import FrameBudget
 from tasks.jobs import JobStore
 from tasks.queue import Dispatcher, make_celery
 
@@ -36,6 +38,10 @@ class FrontEnd:
     admission: Admission
     intake: Intake
     celery: Celery
+    #: The API keys' client-frame budgets.
+    frames: FrameBudget
+    #: This process's open sockets.
+    sockets: Sockets
 
     @classmethod
     def build(cls, settings: Settings) -> FrontEnd:
@@ -46,10 +52,16 @@ class FrontEnd:
         admission = Admission.from_settings(settings, client)
         celery = make_celery(settings)  # a producer: the front end runs no task
         dispatcher = Dispatcher(celery, jobs, events, admission.budget)
-        auth = Authenticator(KeyStore(client), allow_anonymous=settings.allow_anonymous,
+        store = KeyStore(client)
+        auth = Authenticator(store, allow_anonymous=settings.allow_anonymous,
                              anonymous_tier=settings.anonymous_tier, demo_key=settings.demo_key)
-        return cls(settings, client, jobs, events, Relay(client), auth, admission,
-                   Intake(admission, jobs, dispatcher), celery)
+        sockets = Sockets(store)
+        relay = Relay(client, sockets, lost_after_s=settings.redis_lost_after_s)
+        frames = FrameBudget(client, per_s=settings.key_frames_per_s,
+                             burst=settings.key_frame_burst,
+                             tiers={name: t.rates for name, t in admission.tiers.items()})
+        return cls(settings, client, jobs, events, relay, auth, admission,
+                   Intake(admission, jobs, dispatcher), celery, frames, sockets)
 
     def ready(self) -> dict[str, str]:
         """Check Redis and the broker; return a problem per failing part."""

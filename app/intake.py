@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import redis
-
 from app.admission import Admission
 from app.apikeys import KeyInfo
 from tasks.jobs import JobSpec, JobStore
@@ -47,12 +45,14 @@ class Intake:
         request costs no worker time and leaves nothing behind.
 
         :raises app.admission.AdmissionRejectedError: the request is refused.
-        :raises redis.RedisError: Redis failed after admission (the reservation is refunded).
+        :raises Exception: storing the job failed after admission (Redis, or anything
+            else); the reservation and slot are refunded first.
         """
         admitted = self.admission.admit(key, spec, max_tokens_given=max_tokens_given)
         try:
             _, position = self.jobs.create(admitted.spec, admitted.job_id)
-        except redis.RedisError:
+        except BaseException:
+            # Whatever failed, nothing will ever settle this job: give its slot back now.
             self.dispatcher.refund(admitted.job_id)
             raise
         return Submitted(admitted.job_id, position, admitted.limits, admitted.spec)

@@ -7,6 +7,7 @@ Under gunicorn with several worker processes, ``sluice web`` sets
 
 from __future__ import annotations
 
+import json
 import os
 
 from flask import Blueprint, Response
@@ -38,6 +39,19 @@ CLIENT_TTFT = Histogram("sluice_client_ttft_seconds",
                         "Front end accepted the prompt -> first token sent to the client",
                         buckets=LATENCY_BUCKETS)
 FRAMES_SENT = Counter("sluice_frames_sent_total", "Job event frames sent to clients")
+#: Time per output token in seconds, dense where LLM streams live.
+TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3,
+                0.5, 1)
+DELIVERED_TPOT = Histogram("sluice_delivered_tpot_seconds",
+                           "TPOT of the jobs whose done frame this front end delivered",
+                           buckets=TPOT_BUCKETS)
+
+
+def observe_done(frame: str) -> None:
+    """Count the TPOT of a delivered ``done`` frame (one JSON parse per job, not per token)."""
+    tpot_ms = json.loads(frame).get("metrics", {}).get("tpot_ms")
+    if isinstance(tpot_ms, int | float):
+        DELIVERED_TPOT.observe(tpot_ms / 1000)
 
 
 @bp.get("/metrics")

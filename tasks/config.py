@@ -68,6 +68,18 @@ class Settings:
     host: str = "127.0.0.1"
     #: Redis connections per process; greenlets beyond it wait for a free one.
     redis_max_connections: int = 64
+    #: Seconds a socket opened without a key has to send its ``auth`` frame.
+    auth_timeout_s: float = 5.0
+    #: Client frames per second one socket may send, and the burst it may save up.
+    socket_frames_per_s: float = 20.0
+    socket_frame_burst: int = 100
+    #: The same for all sockets of one API key together, on every front end.
+    key_frames_per_s: float = 500.0
+    key_frame_burst: int = 2000
+    #: Jobs one socket may follow at once.
+    max_follows_per_socket: int = 100
+    #: How long a front end goes without Redis before telling its clients to reconnect.
+    redis_lost_after_s: float = 2.0
 
     @property
     def model_names(self) -> tuple[str, ...]:

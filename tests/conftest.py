@@ -186,7 +186,8 @@ def start_worker(start_proc: Callable[..., Proc], env: dict[str, str], name: str
 def start_web(start_proc: Callable[..., Proc], env: dict[str, str]) -> str:
     """Start one gunicorn front-end process; return its ws:// URL."""
     port = free_port()
-    proc = start_proc("web", [str(BIN / "gunicorn"), "-k", "gevent", "-w", "1",
+    proc = start_proc("web", [str(BIN / "gunicorn"), "-c", "python:app.gunicorn_conf",
+                              "-k", "gevent", "-w", "1",
                               "-b", f"127.0.0.1:{port}", "--log-level", "warning",
                               "app:create_app()"], env)
 

@@ -17,6 +17,7 @@ import click
 LAZY = {"keys": "app.cli.keys:keys", "usage": "app.cli.keys:usage",
         "bench": "app.cli.bench.cli:bench",
         "admission-bench": "app.cli.bench.admission:admission_bench",
+        "bench-paths": "app.cli.bench.paths:bench_paths",
         "run": "app.cli.run:run", "flower": "app.cli.flower:flower",
         "soak": "app.cli.soak.cli:soak"}
 

@@ -219,6 +219,7 @@ def _announce(programs: list[Program], env: dict[str, str], conf: Path) -> None:
     for p in programs:
         if p.kind == "web":
             lines += [f"WebSocket endpoint  ws://{show}:{p.port}/ws",
+                      f"in the browser      http://{show}:{p.port}/",
                       f"health              http://{show}:{p.port}/readyz"]
     if env.get("SLUICE_DEMO_KEY"):
         lines.append(f"demo API key        {env['SLUICE_DEMO_KEY']}  (tier 'pro'; send it as "
