@@ -150,7 +150,7 @@ def test_flower_requires_auth_and_shows_workers_and_tasks(
     """Flower answers 401 without credentials; with them it lists workers and id-only tasks."""
     assert _get(flower + "/api/workers")[0] == 401
     auth = ("ops", "s3cret")
-    workers = wait_for(lambda: json.loads(_get(flower + "/api/workers", auth)[1]), 20,
+    workers = wait_for(lambda: json.loads(_get(flower + "/api/workers?refresh=1", auth)[1]), 20,
                        "Flower to see a worker")
     assert workers
     _run_job(web, connect, prompt="a secret prompt for flower")
@@ -178,7 +178,7 @@ def test_flower_refuses_to_start_without_credentials(sluice_env: dict[str, str])
 def test_flower_is_read_only_by_default(flower: str, worker: Proc, sluice_env: dict[str, str]) -> None:
     """Flower's shutdown and pool buttons reach the workers but change nothing."""
     auth = ("ops", "s3cret")
-    names = wait_for(lambda: list(json.loads(_get(flower + "/api/workers", auth)[1])), 20,
+    names = wait_for(lambda: list(json.loads(_get(flower + "/api/workers?refresh=1", auth)[1])), 20,
                      "Flower to see a worker")
     name = names[0]
     req = urllib.request.Request(f"{flower}/api/worker/shutdown/{name}", method="POST",
