@@ -69,6 +69,9 @@ class Settings:
     remote_control: bool = False
     #: Port of a worker process's Prometheus endpoint; 0 serves none.
     metrics_port: int = 0
+    #: Address Sluice's own servers listen on (web in the Procfile, Flower, worker
+    #: metrics); loopback unless told otherwise.
+    host: str = "127.0.0.1"
     #: Redis connections per process; greenlets beyond it wait for a free one.
     redis_max_connections: int = 64
     #: Seconds a socket opened without a key has to send its ``auth`` frame.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import subprocess
 import sys
 import urllib.error
 import urllib.request
@@ -11,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlparse
 
+import psutil
 import pytest
 import redis
 
@@ -118,8 +120,7 @@ def flower(start_proc: Callable[..., Proc], sluice_env: dict[str, str], worker: 
     wait_for(lambda: celery.control.enable_events(reply=True, timeout=1), 20,
              "the worker to turn its task events on")
     celery.close()
-    proc = start_proc("flower", [str(BIN / "sluice"), "flower", "--port", str(port),
-                                 "--address=127.0.0.1"], env)
+    proc = start_proc("flower", [str(BIN / "sluice"), "flower", "--port", str(port)], env)
     url = f"http://127.0.0.1:{port}"
     wait_for(lambda: proc.popen.poll() is not None or _get_ok(url), 30, "Flower to answer")
     assert proc.popen.poll() is None, proc.log()
@@ -128,9 +129,52 @@ def flower(start_proc: Callable[..., Proc], sluice_env: dict[str, str], worker: 
 
 def _get_ok(url: str) -> bool:
     try:
-        return _get(url + "/healthcheck")[0] == 200
+        return _get(url + "/healthcheck", ("ops", "s3cret"))[0] == 200
     except OSError:
         return False
+
+
+def test_every_flower_page_needs_credentials(flower: str) -> None:
+    """Pages, API, static files, /metrics and /healthcheck all answer 401 without the credentials."""
+    paths = ("/", "/workers", "/tasks", "/broker", "/api/workers", "/api/tasks", "/metrics",
+             "/healthcheck", "/static/css/flower.css", "/login", "/no/such/page")
+    for path in paths:
+        status, _ = _get(flower + path)
+        assert status == 401, path
+        assert _get(flower + path, ("ops", "wrong"))[0] == 401, path
+    assert _get(flower + "/metrics", ("ops", "s3cret"))[0] == 200
+    assert _get(flower + "/healthcheck", ("ops", "s3cret")) == (200, "OK")
+
+
+def test_flower_listens_on_loopback_and_keeps_its_password_off_the_command_line(
+        flower: str) -> None:
+    """Flower binds 127.0.0.1 only (not 0.0.0.0 or [::]) and no argv carries the password."""
+    port = int(flower.rsplit(":", 1)[1])
+    owner = [p for p in psutil.process_iter() if any(
+        c.laddr.port == port and c.status == psutil.CONN_LISTEN
+        for c in _connections(p))]
+    assert owner, "no process listens on Flower's port"
+    addresses = {c.laddr.ip for p in owner for c in _connections(p)
+                 if c.status == psutil.CONN_LISTEN and c.laddr.port == port}
+    assert addresses == {"127.0.0.1"}, addresses
+    assert "s3cret" not in subprocess.run(["ps", "-eo", "args"], capture_output=True,
+                                          text=True).stdout
+
+
+def _connections(p: psutil.Process) -> list:
+    try:
+        return p.net_connections(kind="inet")
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return []
+
+
+def test_worker_metrics_listen_on_loopback_only(worker: Proc, sluice_env: dict[str, str]) -> None:
+    """The worker's Prometheus port is bound to 127.0.0.1, not to every interface."""
+    port = int(sluice_env["SLUICE_METRICS_PORT"])
+    wait_for(lambda: _get(f"http://127.0.0.1:{port}/metrics")[0] == 200, 20, "worker metrics")
+    addresses = {c.laddr.ip for c in psutil.Process(worker.popen.pid).net_connections("inet")
+                 if c.status == psutil.CONN_LISTEN and c.laddr.port == port}
+    assert addresses == {"127.0.0.1"}, addresses
 
 
 def test_flower_requires_auth_and_shows_workers_and_tasks(
@@ -138,7 +182,7 @@ def test_flower_requires_auth_and_shows_workers_and_tasks(
     """Flower answers 401 without credentials; with them it lists workers and id-only tasks."""
     assert _get(flower + "/api/workers")[0] == 401
     auth = ("ops", "s3cret")
-    workers = wait_for(lambda: json.loads(_get(flower + "/api/workers", auth)[1]), 20,
+    workers = wait_for(lambda: json.loads(_get(flower + "/api/workers?refresh=1", auth)[1]), 20,
                        "Flower to see a worker")
     assert workers
     _run_job(web, connect, prompt="a secret prompt for flower")
@@ -155,8 +199,6 @@ def test_flower_requires_auth_and_shows_workers_and_tasks(
 
 def test_flower_refuses_to_start_without_credentials(sluice_env: dict[str, str]) -> None:
     """Outside dev mode, Flower without credentials exits with a clear message."""
-    import subprocess
-
     env = {k: v for k, v in sluice_env.items()}
     env.update({"SLUICE_DEV": "0", "PATH": str(BIN)})
     out = subprocess.run([str(BIN / "sluice"), "flower", "--port", str(free_port())], env=env,
@@ -168,7 +210,7 @@ def test_flower_refuses_to_start_without_credentials(sluice_env: dict[str, str])
 def test_flower_is_read_only_by_default(flower: str, worker: Proc, sluice_env: dict[str, str]) -> None:
     """Flower's shutdown and pool buttons reach the workers but change nothing."""
     auth = ("ops", "s3cret")
-    names = wait_for(lambda: list(json.loads(_get(flower + "/api/workers", auth)[1])), 20,
+    names = wait_for(lambda: list(json.loads(_get(flower + "/api/workers?refresh=1", auth)[1])), 20,
                      "Flower to see a worker")
     name = names[0]
     req = urllib.request.Request(f"{flower}/api/worker/shutdown/{name}", method="POST",
