@@ -117,7 +117,8 @@ def flower(start_proc: Callable[..., Proc], sluice_env: dict[str, str], worker: 
     env = {**sluice_env, "SLUICE_FLOWER_USER": "ops", "SLUICE_FLOWER_PASSWORD": "s3cret",
            "SLUICE_DEV": "0", "SLUICE_TASK_EVENTS": "1"}
     celery = make_celery(Settings.from_env(sluice_env))
-    wait_for(lambda: celery.control.enable_events(reply=True, timeout=1), 20,
+    # Replies can take seconds on a loaded machine: wait for them, not 1 s.
+    wait_for(lambda: celery.control.enable_events(reply=True, timeout=5), 30,
              "the worker to turn its task events on")
     celery.close()
     proc = start_proc("flower", [str(BIN / "sluice"), "flower", "--port", str(port)], env)
