@@ -231,11 +231,16 @@ class Relay:
         elif kind == "subscribe":
             # A new connection (ours, or one redis-py remade on its own): keys
             # revoked while nobody listened must be found, and a restarted
-            # Redis may have lost the jobs our sockets follow.
-            if self._restarted() and not self.lost:
-                self.watcher.on_redis_lost()
-            self.lost = False
-            self.watcher.on_watching()
+            # Redis may have lost the jobs our sockets follow.  Asked from
+            # another greenlet: a call that hangs (Redis went silent again)
+            # must not stop this one from noticing.
+            gevent.spawn(self._after_reconnect)
+
+    def _after_reconnect(self) -> None:
+        if self._restarted() and not self.lost:
+            self.watcher.on_redis_lost()
+        self.lost = False
+        self.watcher.on_watching()
 
     def _restarted(self) -> bool:
         try:

@@ -100,6 +100,7 @@ class SocketWriter:
         self.accepted_at: dict[str, float] = {}
         #: Set once the socket must close.
         self.closing: Closing | None = None
+        self.said_goodbye = False
         self.greenlet: gevent.Greenlet | None = None
 
     def start(self) -> None:
@@ -138,15 +139,14 @@ class SocketWriter:
         # A client that reads nothing could hold the goodbye up forever.
         gevent.spawn_later(CLOSE_WAIT_S, self._give_up)
 
-    def join(self, timeout_s: float) -> None:
-        """Wait for the writer to finish (it finishes on its own only when closing)."""
-        if self.greenlet is not None:
-            self.greenlet.join(timeout=timeout_s)
-
-    def kill(self) -> None:
-        """Stop the writer now."""
-        if self.greenlet is not None:
-            self.greenlet.kill()
+    def finish(self) -> None:
+        """Stop the writer; when closing, after its goodbye (said without it if it is stuck)."""
+        if self.greenlet is None:
+            return
+        if self.closing is not None:
+            self.greenlet.join(timeout=CLOSE_WAIT_S)
+            self._give_up()
+        self.greenlet.kill()
 
     # -- relay callbacks (reader greenlet; must not block) -----------------
     def on_event(self, job_id: str, seq: int, frame: str) -> None:
@@ -221,6 +221,9 @@ class SocketWriter:
             self.relay.unfollow(job_id, self)
 
     def _goodbye(self, closing: Closing) -> None:
+        if self.said_goodbye:
+            return
+        self.said_goodbye = True
         try:
             # Control frames already queued still go out; events do not: the
             # reconnect frame says where each job stands.
@@ -251,10 +254,14 @@ class SocketWriter:
         self._wake_receiver()
 
     def _give_up(self) -> None:
-        if self.greenlet is not None and not self.greenlet.dead:
-            log.warning("a client did not take its last frames within %ss; cutting it off",
+        # The writer is stuck: in a Redis read (Redis went silent), or in a send
+        # to a client that reads nothing.  Say goodbye without it if possible.
+        if self.greenlet is not None and not self.greenlet.dead and self.closing is not None:
+            log.warning("a socket's writer did not close it within %ss; closing it without",
                         CLOSE_WAIT_S)
-            self.greenlet.kill(block=False)
+            self.greenlet.kill()
+            with gevent.Timeout(CLOSE_WAIT_S, False):
+                self._goodbye(self.closing)
             self.ws.connected = False  # simple_websocket's own flag: stop serving it
         self._wake_receiver()
 

@@ -28,7 +28,7 @@ from app.intake import Intake
 from app.protocol import Auth, Cancel, Generate, ProtocolError, Request, Resume, parse
 from app.relay import Relay
 from app.sockets import Sockets
-from app.writer import AUTH_TIMEOUT, CLOSE_WAIT_S, UNAUTHORIZED, Closing, SocketWriter
+from app.writer import AUTH_TIMEOUT, UNAUTHORIZED, Closing, SocketWriter
 from tasks.config import Settings
 from tasks.events import EventLog
 from tasks.frames import FrameBucket, FrameBudget
@@ -91,9 +91,7 @@ class Connection:
         finally:
             self.sockets.discard(self)
             closing = self.writer.closing
-            if closing is not None:
-                self.writer.join(CLOSE_WAIT_S)  # let it say why first
-            self.writer.kill()
+            self.writer.finish()
             metrics.OPEN_SOCKETS.dec()
             unfinished = self.writer.unfollow_all()
             if self.settings.cancel_on_disconnect or (closing and closing.cancel_jobs):
