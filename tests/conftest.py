@@ -144,6 +144,23 @@ max_concurrent_jobs = 50
 max_prompt_tokens = 100
 max_output_tokens = 64
 default_output_tokens = 16
+
+# Bulk and batch items: 5 at once and 20,000 tokens/min, all of it for batches.
+[tiers.bulk5]
+tokens_per_minute = 20_000
+requests_per_minute = 100_000
+max_concurrent_jobs = 5
+max_prompt_tokens = 1_000
+max_output_tokens = 64
+default_output_tokens = 16
+batch_share = 1.0
+
+# Half of the buckets and slots for batches, half kept for interactive requests.
+[tiers.halves]
+tokens_per_minute = 100_000
+requests_per_minute = 100_000
+max_concurrent_jobs = 4
+batch_share = 0.5
 """
 
 
@@ -176,7 +193,8 @@ def start_worker(start_proc: Callable[..., Proc], env: dict[str, str], name: str
     """Start one Celery worker process (gevent pool) and wait until it consumes."""
     proc = start_proc(f"worker-{name}", [
         str(BIN / "celery"), "-A", "workers.make_celery", "worker", "-P", "gevent",
-        "-c", env.get("SLUICE_WORKER_CONCURRENCY", "300"), "-Q", env.get("SLUICE_QUEUE", "sluice"),
+        "-c", env.get("SLUICE_WORKER_CONCURRENCY", "300"),
+        "-Q", f'{env.get("SLUICE_QUEUE", "sluice")},{env.get("SLUICE_BULK_QUEUE", "sluice-bulk")}',
         "-n", f"{name}-{time.monotonic_ns()}@%h", "--without-gossip", "--without-mingle",
         "-l", "INFO"], env)
     proc.wait_log("ready.")
