@@ -106,14 +106,20 @@ return {1, ticket}
 
 # Name a bulk's next held item, passing items cancelled while held; a bulk
 # with none left (or no longer active) leaves its key's hold queue.
-# KEYS[1..5] the bulk's keys, KEYS[6] the key's hold zset, KEYS[7] HOLD
-# ARGV[1] bulk id, ARGV[2] key id
-# Returns {index, spec}, or false when the bulk holds no more items.
+# KEYS[1..5] the bulk's keys, KEYS[6] the key's hold zset, KEYS[7] HOLD,
+# KEYS[8] BULK_KEY_RUNNING
+# ARGV[1] bulk id, ARGV[2] key id, ARGV[3] the key's running items at most ('' = no cap)
+# Returns {index, spec}; {-1} when the key runs as many items as it may; false
+# when the bulk holds no more items.
 NEXT = _HELPERS + """
 local b = redis.call('HMGET', KEYS[1], 'status', 'cursor', 'total')
 if b[1] ~= 'active' then
   unhold(KEYS[6], KEYS[7], ARGV[1], ARGV[2])
   return false
+end
+if ARGV[3] ~= '' and tonumber(redis.call('HGET', KEYS[8], ARGV[2]) or '0') >= tonumber(ARGV[3])
+then
+  return {-1}
 end
 local cursor, total = tonumber(b[2]), tonumber(b[3])
 while cursor < total and redis.call('SISMEMBER', KEYS[5], cursor) == 1 do
@@ -424,19 +430,26 @@ class BulkStore:
         """Let the pump try ``key_id`` again only from ``until_ms`` (if it still holds items)."""
         self.redis.zadd(keys.HOLD, {key_id: until_ms}, xx=True)
 
-    def held_bulks(self, key_id: str) -> list[str]:
-        """A key's bulks that hold items, in submission order."""
-        return _texts(self.redis.zrange(keys.hold(key_id), 0, -1))
+    def held_bulks(self, key_id: str, limit: int = 0) -> list[str]:
+        """A key's bulks that hold items, in submission order (the first ``limit`` if given)."""
+        return _texts(self.redis.zrange(keys.hold(key_id), 0, limit - 1))
 
     def all_held_keys(self) -> list[str]:
         """Every key with held items."""
         return _texts(self.redis.zrange(keys.HOLD, 0, -1))
 
-    def next_item(self, bulk_id: str, owner: str) -> tuple[int, bytes | None] | None:
-        """The bulk's next held item: its index and spec; ``None`` when it holds no more."""
-        out = self._next(keys=[*self.bulk_keys(bulk_id), keys.hold(owner), keys.HOLD],
-                         args=[bulk_id, owner])
-        return (int(out[0]), out[1]) if out else None
+    def next_item(self, bulk_id: str, owner: str, key_cap: int | None = None
+                  ) -> tuple[int, bytes | None] | None:
+        """The bulk's next held item: its index and spec; ``None`` when it holds no more.
+
+        :param key_cap: with it, the index is -1 when the key already runs that many items.
+        """
+        out = self._next(keys=[*self.bulk_keys(bulk_id), keys.hold(owner), keys.HOLD,
+                               keys.BULK_KEY_RUNNING],
+                         args=[bulk_id, owner, "" if key_cap is None else key_cap])
+        if not out:
+            return None
+        return (int(out[0]), out[1] if len(out) > 1 else None)
 
     def claim(self, bulk_id: str, owner: str, index: int, *, cap: int | None,
               key_cap: int = 0) -> int:
@@ -451,9 +464,13 @@ class BulkStore:
             args=[bulk_id, owner, index, item_job_id(bulk_id, index),
                   "" if cap is None else cap, key_cap]))
 
-    def drop_spec(self, bulk_id: str, index: int) -> None:
-        """Forget a started item's spec (its job record has it now)."""
-        self.redis.hdel(keys.bulk_specs(bulk_id), str(index))
+    def drop_spec(self, bulk_id: str, index: int) -> str | None:
+        """Forget a started item's spec (its job record has it now); return the bulk's status."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hdel(keys.bulk_specs(bulk_id), str(index))
+        pipe.hget(keys.bulk(bulk_id), "status")
+        status = pipe.execute()[1]
+        return None if status is None else _text(status)
 
     def status(self, bulk_id: str) -> str | None:
         """A bulk's status, or ``None`` when there is no such bulk."""
@@ -497,6 +514,10 @@ class BulkStore:
         """Every started item not yet ended: job id -> when it was claimed (ms)."""
         pairs: Any = self.redis.zrange(keys.BULK_RUNNING, 0, -1, withscores=True)
         return {_text(j): int(ms) for j, ms in pairs}
+
+    def running_count(self) -> int:
+        """How many started items have not ended, gateway-wide."""
+        return int(self.redis.zcard(keys.BULK_RUNNING))
 
     def running_of(self, bulk_id: str) -> list[str]:
         """The job ids of a bulk's items that run now."""

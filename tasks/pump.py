@@ -53,6 +53,9 @@ ANNOUNCE_S = 1.0
 SLOT_WAIT_MS = 1000
 #: How long the pump waits at most between rounds.
 IDLE_S = 1.0
+#: Items started per round at most, so that ends are counted in between (and
+#: a new bulk's items reach the workers as a stream, not a wall).
+STARTS_PER_ROUND = 8
 
 Started = Literal["started", "progress", "wait", "full"]
 
@@ -86,11 +89,12 @@ class Pump:
         #: A claimed item whose job is missing this long was lost by a pump that died.
         self.claim_grace_ms = max(5000, 3000 * settings.lease_ttl_s)
         #: A started item whose job is still queued this long is sent again.
-        self.resend_ms = max(10_000, 10_000 * settings.lease_ttl_s)
+        self.resend_ms = max(5000, 3000 * settings.lease_ttl_s)
         self._swept = 0.0
         self._announced_at = 0.0
         self._announced: dict[str, tuple[int, int, int]] = {}
         self._resent: dict[str, float] = {}
+        self._meta_cache: dict[str, BulkRecord] = {}
 
     def step(self, ended: Iterable[str] = ()) -> float:
         """One round: count ends, announce ended bulks, start what fits.
@@ -183,31 +187,35 @@ class Pump:
                     status="done")
             self.store.forget_finished(bulk_id)
             self._announced.pop(bulk_id, None)
+            self._meta_cache.pop(bulk_id, None)
 
     # -- starts -------------------------------------------------------------
     def start_held(self) -> float:
-        """Start held items, a key at a time in turn, while the caps allow.
+        """Start up to ``STARTS_PER_ROUND`` held items, a key at a time in turn, as caps allow.
 
-        :return: seconds until a waiting key may be tried again (at most ``IDLE_S``).
+        :return: seconds until the next round is due: 0 when more could start now,
+            else until a waiting key may be tried again (at most ``IDLE_S``).
         """
         now_ms = self._now_ms()
-        running = len(self.store.running())
+        running = self.store.running_count()
         ready = self.store.ready_keys(now_ms)
-        while ready and running < self.settings.bulk_max_running:
+        started = 0
+        while ready:
             again = []
             for key_id in ready:
+                if running >= self.settings.bulk_max_running:
+                    return IDLE_S
+                if started >= STARTS_PER_ROUND:
+                    return 0.0  # count the ends that came meanwhile, then go on
                 outcome = self._start_one(key_id, now_ms)
                 if outcome == "full":
                     return IDLE_S
                 if outcome == "started":
                     running += 1
+                    started += 1
                 if outcome != "wait":
                     again.append(key_id)
-                if running >= self.settings.bulk_max_running:
-                    return IDLE_S
             ready = again
-        if running >= self.settings.bulk_max_running:
-            return IDLE_S
         nxt = self.store.next_ready_ms()
         if nxt is None:
             return IDLE_S
@@ -215,11 +223,11 @@ class Pump:
 
     def _start_one(self, key_id: str, now_ms: int) -> Started:
         """Start the key's next held item, or say why not."""
-        bulks = self.store.held_bulks(key_id)
+        bulks = self.store.held_bulks(key_id, 1)
         if not bulks:
             self.store.forget_key(key_id)
             return "wait"
-        rec = self.store.get(bulks[0])
+        rec = self._meta(bulks[0])
         if rec is None or rec.status != "active":
             self.store.next_item(bulks[0], key_id)  # takes it off the key's queue
             return "progress"
@@ -227,13 +235,15 @@ class Pump:
             self.engine.stop(rec, "expiring")
             return "progress"
         tier = self.admission.tiers.get(rec.tier)
-        if tier is not None and self.store.key_running(key_id) >= tier.batch_slots:
-            self.store.defer(key_id, now_ms + SLOT_WAIT_MS)
-            return "wait"
-        nxt = self.store.next_item(rec.bulk_id, key_id)
+        key_cap = tier.batch_slots if tier else 1
+        nxt = self.store.next_item(rec.bulk_id, key_id, key_cap)
         if nxt is None:
+            self._meta_cache.pop(rec.bulk_id, None)
             return "progress"
         index, raw = nxt
+        if index < 0:
+            self.store.defer(key_id, now_ms + SLOT_WAIT_MS)
+            return "wait"
         job_id = item_job_id(rec.bulk_id, index)
         if raw is None:
             self._fail(rec, index, "lost", "the item's request was lost")
@@ -253,8 +263,7 @@ class Pump:
             self._fail(rec, index, e.code, e.message)
             return "progress"
         code = self.store.claim(rec.bulk_id, key_id, index,
-                                cap=self.settings.bulk_max_running,
-                                key_cap=tier.batch_slots if tier else 1)
+                                cap=self.settings.bulk_max_running, key_cap=key_cap)
         if code == 1:
             self._launch(rec, index, admitted)
             return "started"
@@ -267,16 +276,24 @@ class Pump:
             return "wait"
         return "progress"
 
+    def _meta(self, bulk_id: str) -> BulkRecord | None:
+        """A bulk's record as it was when first seen (only its unchanging fields are used)."""
+        rec = self._meta_cache.get(bulk_id)
+        if rec is None or rec.status != "active":
+            rec = self.store.get(bulk_id)
+            if rec is not None:
+                self._meta_cache[bulk_id] = rec
+        return rec
+
     def _launch(self, rec: BulkRecord, index: int, admitted: Admitted) -> None:
         """Create and enqueue a claimed item's job on the bulk queue."""
         job_id = item_job_id(rec.bulk_id, index)
         queue = self.settings.bulk_queue
         spec: JobSpec = replace(admitted.spec, queue=queue)
         self.jobs.create(spec, job_id)
-        if self.store.status(rec.bulk_id) != "active":
-            self.jobs.request_cancel(job_id)  # cancelled between the claim and now
         self.dispatcher.enqueue(job_id, queue)
-        self.store.drop_spec(rec.bulk_id, index)
+        if self.store.drop_spec(rec.bulk_id, index) != "active":
+            self.jobs.request_cancel(job_id)  # the bulk was cancelled after the claim
 
     def _fail(self, rec: BulkRecord, index: int, code: str, message: str, *,
               claimed: bool = False) -> None:

@@ -146,6 +146,7 @@ max_output_tokens = 64
 default_output_tokens = 16
 
 # Bulk and batch items: 5 at once and 20,000 tokens/min, all of it for batches.
+# (Tiers are the same in every process: the pump on any worker admits with them.)
 [tiers.bulk5]
 tokens_per_minute = 20_000
 requests_per_minute = 100_000
@@ -186,6 +187,7 @@ def sluice_env(redis_server: RedisServer, mock: str, tiers_file: Path) -> dict[s
         "SLUICE_WORKER_CONCURRENCY": "300",
         "SLUICE_PROVIDER_MAX_RETRIES": "0",
         "SLUICE_METRICS_PORT": str(free_port()),
+        "SLUICE_BATCH_MAX_FILE_BYTES": "200000",
     }
 
 
