@@ -151,8 +151,8 @@ def batch_object(rec: BatchRecord, status: BulkStatus | None) -> dict[str, Any]:
                   "input_tokens_details": {"cached_tokens": 0},
                   "output_tokens_details": {"reasoning_tokens": 0}},
         "sluice": {"held": bulk.held, "running": bulk.running, "cancelled": bulk.cancelled,
-                   "position": status.position, "eta_s": status.eta_s,
-                   "eta_last_s": status.eta_last_s}})
+                   "position": status.position, "next_eta_s": status.next_eta_s,
+                   "last_eta_s": status.last_eta_s}})
     if bulk.stopped_ms and bulk.status in ("cancelling", "cancelled"):
         obj["cancelling_at"] = bulk.stopped_ms // 1000
     if bulk.finished:

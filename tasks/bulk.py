@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import gevent
 import redis
 
 from tasks import keys
@@ -87,9 +88,10 @@ class BulkStatus:
     record: BulkRecord
     #: Items of the key's earlier bulks still held ahead of this bulk's next item.
     position: int
-    #: Seconds until the next held item should start, and the last; ``None`` when unknown.
-    eta_s: float | None
-    eta_last_s: float | None
+    #: Seconds until the next held item should start, and the last; ``None`` until the
+    #: key's items have started at a measurable rate.
+    next_eta_s: float | None
+    last_eta_s: float | None
 
 
 def eta_s(position: int, starts_ms: list[int], now_ms: int,
@@ -143,7 +145,9 @@ class BulkEngine:
         bid = bulk_id or new_bulk_id()
         valid: list[Held] = []
         jobs: list[str | ItemError] = []
-        for item in items:
+        for n, item in enumerate(items):
+            if n % 500 == 499:
+                gevent.sleep(0)  # a big batch must not stall the front end's other sockets
             error = self._refusal(key, item)
             if error is None:
                 jobs.append(item_job_id(bid, len(valid)))

@@ -25,6 +25,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+import gevent
 import redis
 
 from tasks import keys
@@ -374,6 +375,7 @@ class BulkStore:
         """
         bkeys = self.bulk_keys(bulk_id)
         for start in range(0, len(items), self.CHUNK):
+            gevent.sleep(0)  # a front end's other sockets go on while a big batch is written
             pipe = self.redis.pipeline(transaction=False)
             chunk = items[start:start + self.CHUNK]
             specs: dict[Any, Any] = {str(start + i): spec_json(it)

@@ -53,6 +53,10 @@ class Settings:
     #: starts no more, so bulk work never fills the workers or the broker ahead
     #: of interactive jobs (see README, Bulk jobs).
     bulk_max_running: int = 64
+    #: Bulk and batch items started per second at most, gateway-wide.  A job's
+    #: start costs its worker a few ms of CPU that an interactive job arriving
+    #: then waits behind; pacing spreads them (about 10 per worker process).
+    bulk_starts_per_s: float = 20.0
     #: Most items in one bulk submission (a ``bulk`` frame).
     bulk_max_items: int = 1000
     #: Most items one API key may have submitted and not yet ended, over all its bulks.

@@ -95,6 +95,10 @@ class Pump:
         self._announced: dict[str, tuple[int, int, int]] = {}
         self._resent: dict[str, float] = {}
         self._meta_cache: dict[str, BulkRecord] = {}
+        #: Starts are paced at ``bulk_starts_per_s`` (two in a row at most after a quiet
+        #: spell), so a wave of ends does not become a wave of starts.
+        self._interval = 1 / settings.bulk_starts_per_s
+        self._next_start = 0.0
 
     def step(self, ended: Iterable[str] = ()) -> float:
         """One round: count ends, announce ended bulks, start what fits.
@@ -196,6 +200,9 @@ class Pump:
         :return: seconds until the next round is due: 0 when more could start now,
             else until a waiting key may be tried again (at most ``IDLE_S``).
         """
+        pace = time.monotonic() - self._next_start
+        if pace < 0:
+            return -pace
         now_ms = self._now_ms()
         running = self.store.running_count()
         ready = self.store.ready_keys(now_ms)
@@ -205,14 +212,18 @@ class Pump:
             for key_id in ready:
                 if running >= self.settings.bulk_max_running:
                     return IDLE_S
-                if started >= STARTS_PER_ROUND:
-                    return 0.0  # count the ends that came meanwhile, then go on
+                wait = self._next_start - time.monotonic()
+                if started >= STARTS_PER_ROUND or wait > 0:
+                    return max(0.0, wait)  # count the ends that came meanwhile, then go on
                 outcome = self._start_one(key_id, now_ms)
                 if outcome == "full":
                     return IDLE_S
                 if outcome == "started":
                     running += 1
                     started += 1
+                    now = time.monotonic()
+                    self._next_start = max(self._next_start, now - self._interval) \
+                        + self._interval
                 if outcome != "wait":
                     again.append(key_id)
             ready = again
@@ -242,8 +253,7 @@ class Pump:
             return "progress"
         index, raw = nxt
         if index < 0:
-            self.store.defer(key_id, now_ms + SLOT_WAIT_MS)
-            return "wait"
+            return self._defer(rec, now_ms, SLOT_WAIT_MS)
         job_id = item_job_id(rec.bulk_id, index)
         if raw is None:
             self._fail(rec, index, "lost", "the item's request was lost")
@@ -257,9 +267,8 @@ class Pump:
             self._refund(job_id)
             if e.code in ("rate_limited", "concurrency_limit") or isinstance(
                     e.__cause__, redis.RedisError):
-                wait_ms = math.ceil(e.retry_after * 1000) if e.retry_after else SLOT_WAIT_MS
-                self.store.defer(key_id, now_ms + wait_ms)
-                return "wait"
+                return self._defer(rec, now_ms, math.ceil(e.retry_after * 1000)
+                                   if e.retry_after else SLOT_WAIT_MS)
             self._fail(rec, index, e.code, e.message)
             return "progress"
         code = self.store.claim(rec.bulk_id, key_id, index,
@@ -272,9 +281,13 @@ class Pump:
         if code == 0:
             return "full"
         if code == 3:
-            self.store.defer(key_id, now_ms + SLOT_WAIT_MS)
-            return "wait"
+            return self._defer(rec, now_ms, SLOT_WAIT_MS)
         return "progress"
+
+    def _defer(self, rec: BulkRecord, now_ms: int, wait_ms: int) -> Started:
+        """Try the bulk's key again after ``wait_ms``, or when the bulk's wait runs out."""
+        self.store.defer(rec.owner, min(now_ms + wait_ms, rec.expires_ms + 1))
+        return "wait"
 
     def _meta(self, bulk_id: str) -> BulkRecord | None:
         """A bulk's record as it was when first seen (only its unchanging fields are used)."""
@@ -330,8 +343,8 @@ class Pump:
                     self.events.append(log_id(rec.bulk_id), "held", {
                         "bulk_id": rec.bulk_id, "held": rec.held, "next_index": rec.cursor,
                         "position": position,
-                        "eta_s": eta_s(position, starts, now_ms, not_before),
-                        "eta_last_s": eta_s(position + rec.held - 1, starts, now_ms,
+                        "next_eta_s": eta_s(position, starts, now_ms, not_before),
+                        "last_eta_s": eta_s(position + rec.held - 1, starts, now_ms,
                                             not_before)})
                 position += rec.held
 

@@ -188,6 +188,7 @@ def sluice_env(redis_server: RedisServer, mock: str, tiers_file: Path) -> dict[s
         "SLUICE_PROVIDER_MAX_RETRIES": "0",
         "SLUICE_METRICS_PORT": str(free_port()),
         "SLUICE_BATCH_MAX_FILE_BYTES": "200000",
+        "SLUICE_BULK_STARTS_PER_S": "1000",
     }
 
 

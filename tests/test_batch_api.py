@@ -166,7 +166,10 @@ def test_cancel_mid_way_stops_new_starts_and_keeps_finished_results(
     ids = [o["custom_id"] for o in out + errors]
     assert sorted(ids) == sorted(f"req-{i}" for i in range(200))
     assert {e["error"]["code"] for e in errors} <= {"batch_cancelled"}
-    assert r.hget(keys.BULK_PENDING, bulk_id) is None
+    owner = store.get(bulk_id).owner  # type: ignore[union-attr]
+    assert r.hget(keys.BULK_PENDING, owner) is None and not r.exists(keys.hold(owner))
+    assert r.zcard(keys.slots(owner)) == 0  # every started item settled its slot
+    assert not any(r.exists(keys.reservation(f"{bulk_id}{i:08x}")) for i in range(200))
 
 
 def test_every_request_ends_once_when_a_worker_is_killed_mid_batch(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -95,19 +96,19 @@ def drain(admission: Admission, key: KeyInfo, leave: int) -> None:
 
 def test_a_bulk_beyond_the_limits_is_held_and_runs_within_them(
         engine: BulkEngine, r: redis.Redis) -> None:
-    """200 items on 5 slots and 300 tokens left: all done, never > 5 at once, never over budget, positions count down."""
+    """200 items on 5 slots and an empty bucket: all done, never > 5 at once, never over budget, positions count down."""
     key = new_key(r, "bulk5")  # 5 jobs at once, 20,000 tokens/min (333/s), all for batches
-    drain(engine.admission, key, leave=300)
+    drain(engine.admission, key, leave=0)  # each item needs ~12 tokens: ~28 items/s at most
     t0 = time.monotonic()
     sub = engine.submit(key, [held(f"x{i}", max_tokens=4) for i in range(200)])
-    most_at_once, lowest, charged, positions = 0, 300, 0, []
+    most_at_once, lowest, charged, positions = 0, 0, 0, []
     while not ended(engine, sub.log_id):
         most_at_once = max(most_at_once, r.zcard(keys.slots(key.key_id)))
         limits = engine.admission.limits(key)
         lowest = min(lowest, limits.remaining_tokens)
         used = engine.admission.usage(key.key_id, 1)[0]
-        charged = used.prompt_tokens + used.completion_tokens - (20_000 - 300)
-        assert charged <= 300 + 20_000 / 60 * (time.monotonic() - t0) + 12, "over budget"
+        charged = used.prompt_tokens + used.completion_tokens - 20_000
+        assert charged <= 20_000 / 60 * (time.monotonic() - t0) + 12, "over budget"
         mid = engine.positions(key.key_id, sub.bulk_id)
         if mid:
             assert sorted(mid.values()) == list(range(len(mid)))
@@ -123,18 +124,18 @@ def test_a_bulk_beyond_the_limits_is_held_and_runs_within_them(
     held_events = [f for f in frames(engine, sub.log_id) if f["type"] == "held"]
     last = [e["position"] + 199 - e["next_index"] for e in held_events]
     assert len(last) > 2 and last == sorted(last, reverse=True)
-    assert any(e["eta_s"] is not None for e in held_events)
+    assert any(e["next_eta_s"] is not None for e in held_events)
 
 
 def test_batch_items_leave_the_interactive_share_of_a_key(
         engine: BulkEngine, r: redis.Redis) -> None:
     """With batch_share 0.5 a batch item is held when the bucket is at half, an interactive request is not."""
     key = new_key(r, "halves")  # 100,000 tokens/min, 4 jobs at once, half for batches
-    drain(engine.admission, key, leave=50_500)
+    drain(engine.admission, key, leave=48_000)  # 2,000 below half; it refills 1,667/s
     spec = JobSpec(model="mock-1", messages=[{"role": "user", "content": "hi"}], max_tokens=1000)
     with pytest.raises(AdmissionRejectedError) as e:
         engine.admission.admit(key, spec, batch=True)
-    assert e.value.code == "rate_limited" and 0 < e.value.retry_after < 1  # type: ignore[operator]
+    assert e.value.code == "rate_limited" and 0 < e.value.retry_after < 2  # type: ignore[operator]
     admitted = engine.admission.admit(key, spec)
     engine.admission.settle(admitted.job_id, 0, 0)
     assert engine.admission.tier_of(key).batch_slots == 2
@@ -151,3 +152,39 @@ def test_a_bulk_runs_no_more_items_at_once_than_its_share_of_slots(
         time.sleep(0.02)
     assert ended(engine, sub.log_id)["done"] == 12  # type: ignore[index]
     assert most == 2
+
+
+def test_cancelling_a_bulk_ends_its_held_items_in_their_logs_and_leaks_nothing(
+        engine: BulkEngine, r: redis.Redis) -> None:
+    """Cancel a held bulk: every item's log ends 'cancelled', bulk_done says so, no hold or pending remains."""
+    key = new_key(r, "tiny")  # 600 tokens/min, half for batches: nothing starts for ~30 s
+    drain(engine.admission, key, leave=0)
+    sub = engine.submit(key, [held(f"c{i}") for i in range(6)])
+    first = sub.jobs[0]
+    assert isinstance(first, str) and engine.cancel_item(key.key_id, first)
+    assert engine.positions(key.key_id, sub.bulk_id) == {
+        j: i for i, j in enumerate(sub.jobs[1:])}
+    rec = engine.cancel(key.key_id, sub.bulk_id)
+    assert rec.status == "cancelled" and rec.cancelled == 6
+    done = wait_for(lambda: ended(engine, sub.log_id), 10, "bulk_done")
+    assert (done["status"], done["cancelled"], done["done"]) == ("cancelled", 6, 0)
+    for job_id in sub.jobs:
+        assert ended(engine, job_id)["code"] == "cancelled"  # type: ignore[arg-type,index]
+    assert r.hget(keys.BULK_PENDING, key.key_id) is None and not r.exists(keys.hold(key.key_id))
+    assert r.zcard(keys.slots(key.key_id)) == 0
+    with pytest.raises(LookupError):
+        engine.cancel(new_key(r, "tiny").key_id, sub.bulk_id)  # another key's: unknown
+
+
+def test_held_items_expire_after_the_wait_allowed(settings: Settings, engine: BulkEngine,
+                                                   r: redis.Redis) -> None:
+    """Items still held when the bulk's wait runs out end 'expired'; bulk_done says expired."""
+    key = new_key(r, "tiny")  # nothing starts for ~30 s
+    drain(engine.admission, key, leave=0)
+    short = BulkEngine(engine.redis, replace(settings, bulk_max_wait_s=1), engine.admission,
+                       engine.jobs, engine.events)
+    sub = short.submit(key, [held(f"e{i}") for i in range(3)])
+    done = wait_for(lambda: ended(engine, sub.log_id), 15, "bulk_done")
+    assert (done["status"], done["cancelled"]) == ("expired", 3)
+    assert ended(engine, sub.jobs[2])["code"] == "expired"  # type: ignore[arg-type,index]
+    assert r.hget(keys.BULK_PENDING, key.key_id) is None

@@ -164,8 +164,15 @@ def announce_end(task: Task | None = None, args: Any = None, **_: Any) -> None:
 
 
 def start_pump(sender: Any = None, **_: Any) -> None:
-    """Run :func:`pump_forever` in this worker process (Celery's ``worker_ready``)."""
+    """Run :func:`pump_forever` in this worker process (Celery's ``worker_ready``).
+
+    Only a worker that consumes the bulk queue pumps: the pump's own work then
+    runs where the bulk items run (a separate, ``nice``\ d pool, or every worker).
+    """
     rt: WorkerRuntime = sender.app.sluice
+    consumed = set(sender.app.amqp.queues.consume_from or ())
+    if consumed and rt.settings.bulk_queue not in consumed:
+        return
     gevent.spawn(pump_forever, rt)
 
 

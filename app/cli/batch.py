@@ -84,7 +84,8 @@ def status(batch_id: str, url: str, api_key: str) -> None:
     click.echo(json.dumps({
         "id": b.id, "status": b.status,
         "request_counts": b.request_counts.model_dump() if b.request_counts else None,
-        "held": extra.get("held"), "running": extra.get("running"), "eta_s": extra.get("eta_s"),
+        "held": extra.get("held"), "running": extra.get("running"),
+        "next_eta_s": extra.get("next_eta_s"), "last_eta_s": extra.get("last_eta_s"),
         "output_file_id": b.output_file_id, "error_file_id": b.error_file_id,
         "errors": [e.model_dump() for e in b.errors.data or []] if b.errors else []}, indent=2))
 
