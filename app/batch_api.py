@@ -15,8 +15,10 @@ and each becomes an ordinary job on the bulk queue.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
+import gevent
 import redis
 from flask import Blueprint, Response, current_app, jsonify, request
 from flask.typing import ResponseReturnValue
@@ -37,6 +39,8 @@ bp = Blueprint("batch_api", __name__)
 ENDPOINTS = ("/v1/chat/completions",)
 MAX_METADATA = 16
 MAX_LIST = 100
+#: How long a request for a batch's results waits while another renders them.
+RENDER_WAIT_S = 30.0
 #: OpenAI's error ``type`` by HTTP status (else invalid_request_error, or server_error for 5xx).
 TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
          409: "invalid_request_error", 429: "rate_limit_error"}
@@ -165,7 +169,13 @@ def _file(parts: Parts, key: KeyInfo, file_id: str) -> FileRecord:
     status = _bulk_status(parts, key, bulk_id) if batch is not None else None
     if batch is None or status is None or not status.record.finished or batch.rendered:
         raise missing
-    _render_files(parts, batch, status)
+    if parts.batches.claim_render(bulk_id):
+        _render_files(parts, batch, status)
+    else:  # another request renders them: wait for it
+        deadline = time.monotonic() + RENDER_WAIT_S
+        while not getattr(parts.batches.get(bulk_id, key.key_id), "rendered", True) \
+                and time.monotonic() < deadline:
+            gevent.sleep(0.1)
     rec = parts.files.get(file_id, key.key_id)
     if rec is None:
         raise missing
@@ -218,18 +228,24 @@ def create_batch() -> ResponseReturnValue:
         parts.batches.put(rec)
         return jsonify(batch_object(rec, None))
     rec.errors = parsed.errors
+    # The record first: a batch whose bulk runs is never invisible to its owner.
+    parts.batches.put(rec)
     try:
         submission = parts.engine.submit(key, parsed.items, kind="batch", announce=False,
                                          keep=True, max_items=parts.front.settings
                                          .batch_max_items, bulk_id=bulk_id)
-    except BulkRejectedError as e:
-        raise BatchApiError(429, e.code, e.message) from e
+    except BaseException as e:
+        parts.batches.forget(key.key_id, bulk_id)
+        if isinstance(e, BulkRejectedError):
+            raise BatchApiError(429, e.code, e.message) from e
+        raise
     # Lines the key's tier refuses (model, max_tokens) are reported like bad lines.
-    rec.errors = sorted(parsed.errors + [
-        LineError(line, job.code, f"line {line}: {job.message}", item.ref)
-        for line, item, job in zip(parsed.lines, parsed.items, submission.jobs, strict=True)
-        if not isinstance(job, str)], key=lambda e: e.line)
-    parts.batches.put(rec)
+    refused = [LineError(line, job.code, f"line {line}: {job.message}", item.ref)
+               for line, item, job in zip(parsed.lines, parsed.items, submission.jobs,
+                                          strict=True) if not isinstance(job, str)]
+    if refused:
+        rec.errors = sorted(parsed.errors + refused, key=lambda e: e.line)
+        parts.batches.set_errors(bulk_id, rec.errors)
     return jsonify(batch_object(rec, _bulk_status(parts, key, bulk_id)))
 
 
@@ -271,7 +287,9 @@ def list_batches() -> ResponseReturnValue:
     data = []
     for bulk_id in ids:
         rec = parts.batches.get(bulk_id, key.key_id)
-        if rec is not None:
+        if rec is None:
+            parts.batches.forget(key.key_id, bulk_id)  # it expired
+        else:
             data.append(batch_object(rec, _bulk_status(parts, key, bulk_id)))
     return jsonify(object="list", data=data, first_id=data[0]["id"] if data else None,
                    last_id=data[-1]["id"] if data else None, has_more=more)

@@ -79,11 +79,25 @@ class BatchStore:
         pipe.expire(keys.batches(rec.owner), self.ttl_s)
         pipe.execute()
 
+    def set_errors(self, bulk_id: str, errors: list[LineError]) -> None:
+        """Replace the batch's line errors."""
+        self.redis.hset(keys.batch(bulk_id), "errors", json.dumps([e.__dict__ for e in errors]))
+
+    def forget(self, owner: str, bulk_id: str) -> None:
+        """Drop a batch (and its place in its key's list)."""
+        self.redis.delete(keys.batch(bulk_id))
+        self.redis.zrem(keys.batches(owner), bulk_id)
+
+    def claim_render(self, bulk_id: str, ttl_s: int = 120) -> bool:
+        """Whether this process may render the batch's files (one process at a time)."""
+        return bool(self.redis.set(keys.batch_render(bulk_id), 1, nx=True, ex=ttl_s))
+
     def mark_rendered(self, bulk_id: str, ttl_s: int) -> None:
         """Its files were rendered; keep the record as long as them."""
         pipe = self.redis.pipeline()
         pipe.hset(keys.batch(bulk_id), "rendered", 1)
         pipe.expire(keys.batch(bulk_id), ttl_s)
+        pipe.delete(keys.batch_render(bulk_id))
         pipe.execute()
 
     def get(self, bulk_id: str, owner: str) -> BatchRecord | None:

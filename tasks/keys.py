@@ -59,6 +59,7 @@ sluice:pump                   string    token of the worker process that pumps
 sluice:file:{fid}             hash      an uploaded (or rendered) file: owner, name, size
 sluice:file:{fid}:content     string    the file's bytes
 sluice:batch:{bid}            hash      a batch's own fields (status, counts: its bulk)
+sluice:batch:{bid}:render     string    held by the front end rendering its result files
 sluice:batches:{kid}          zset      batch id -> created ms: a key's batches
 ============================  ========  ==============================================
 """
@@ -215,6 +216,11 @@ def file_content(file_id: str) -> str:
 def batch(bulk_id: str) -> str:
     """A batch's own fields (endpoint, metadata, line errors, timestamps)."""
     return f"{PREFIX}batch:{bulk_id}"
+
+
+def batch_render(bulk_id: str) -> str:
+    """Held (with a TTL) by the front end that renders a batch's result files."""
+    return f"{PREFIX}batch:{bulk_id}:render"
 
 
 def batches(key_id: str) -> str:

@@ -167,7 +167,7 @@ def start_pump(sender: Any = None, **_: Any) -> None:
     """Run :func:`pump_forever` in this worker process (Celery's ``worker_ready``).
 
     Only a worker that consumes the bulk queue pumps: the pump's own work then
-    runs where the bulk items run (a separate, ``nice``\ d pool, or every worker).
+    runs where the bulk items run (a separate pool under ``nice``, or every worker).
     """
     rt: WorkerRuntime = sender.app.sluice
     consumed = set(sender.app.amqp.queues.consume_from or ())
