@@ -19,15 +19,18 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
 
         gunicorn -k gevent 'app:create_app()'
     """
-    from app import health, metrics, openai_api, page, usage, ws
+    from app import batch_api, health, metrics, openai_api, page, usage, ws
     from app.frontend import FrontEnd
+    from tasks.bulk import BulkEngine
 
     settings = Settings.from_env(**(test_config or {}))
     app = Flask(__name__)
     app.config.from_mapping(
         SOCK_SERVER_OPTIONS={"ping_interval": 25, "max_message_size": settings.max_frame_bytes},
     )
-    app.extensions["sluice"] = front = FrontEnd.build(settings)
+    front = app.extensions["sluice"] = FrontEnd.build(settings)
+    app.extensions["sluice_bulk"] = BulkEngine(front.redis, settings, front.admission,
+                                               front.jobs, front.events)
     front.warm()
     ws.sock.init_app(app)
     app.register_blueprint(ws.bp)
@@ -36,4 +39,5 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     app.register_blueprint(usage.bp)
     app.register_blueprint(page.bp)
     app.register_blueprint(openai_api.bp)
+    app.register_blueprint(batch_api.bp)
     return app

@@ -52,7 +52,28 @@ class Settings:
     provider_max_retries: int = 2
     #: Celery queue for generation jobs.
     queue: str = "sluice"
-    #: TOML file of rate-limit tiers; built-in tiers when empty (see app/tiers.py).
+    #: Celery queue of bulk and batch items (the same workers consume it after ``queue``).
+    bulk_queue: str = "sluice-bulk"
+    #: Bulk and batch items started and not yet ended, gateway-wide.  The pump
+    #: starts no more, so bulk work never fills the workers or the broker ahead
+    #: of interactive jobs (see README, Bulk jobs).
+    bulk_max_running: int = 64
+    #: Bulk and batch items started per second at most, gateway-wide.  A job's
+    #: start costs its worker a few ms of CPU that an interactive job arriving
+    #: then waits behind; pacing spreads them (about 10 per worker process).
+    bulk_starts_per_s: float = 20.0
+    #: Most items in one bulk submission (a ``bulk`` frame).
+    bulk_max_items: int = 1000
+    #: Most items one API key may have submitted and not yet ended, over all its bulks.
+    bulk_max_pending: int = 100_000
+    #: How long a bulk's items may wait to start before they expire.
+    bulk_max_wait_s: int = 86400
+    #: Largest Batch API input file, in bytes and in requests.
+    batch_max_file_bytes: int = 50_000_000
+    batch_max_items: int = 50_000
+    #: How long uploaded files, and finished batches with their results, are kept.
+    batch_retention_s: int = 7 * 86400
+    #: TOML file of rate-limit tiers; built-in tiers when empty (see tasks/tiers.py).
     tiers_file: str = ""
     #: Admit requests without limits when Redis cannot be reached (default: refuse).
     admission_fail_open: bool = False

@@ -259,6 +259,11 @@ class JobStore:
         value = self.redis.hget(keys.job(job_id), "queue")
         return _text(value) if value is not None else None
 
+    def status(self, job_id: str) -> str | None:
+        """The job's status, or ``None`` when it does not exist."""
+        value = self.redis.hget(keys.job(job_id), "status")
+        return _text(value) if value is not None else None
+
     def record_client_ttft(self, job_id: str, ms: float) -> None:
         """Record when the submitting client got its first token (ms after acceptance)."""
         self.redis.hsetnx(keys.job(job_id), "client_ttft_ms", round(ms, 3))

@@ -34,6 +34,36 @@ sluice:frames:{kid}           hash      the key's client-frame bucket: level, la
 sluice:job:{id}:reservation   hash      key id, tokens reserved, bucket figures
 sluice:usage:{kid}:{day}      hash      requests, rejected, prompt/completion tokens
 ============================  ========  ==============================================
+
+Bulk and batch items (:mod:`tasks.bulk_store`).  A bulk's keys expire
+``bulk_max_wait_s + batch_retention_s`` after submission and
+``batch_retention_s`` after it ends; an item's job id is its bulk id and its
+index, so it needs no key of its own until it starts.
+
+============================  ========  ==============================================
+key                           type      holds
+============================  ========  ==============================================
+sluice:bulk:{bid}             hash      owner, tier, kind, cursor, counts, status, times
+sluice:bulk:{bid}:specs       hash      item index -> its job spec, until it starts
+sluice:bulk:{bid}:refs        hash      item index -> the client's ref or custom_id
+sluice:bulk:{bid}:results     hash      item index -> its outcome (batches only)
+sluice:bulk:{bid}:skip        set       indexes of items cancelled before they started
+sluice:hold:{kid}             zset      bulk id -> ticket: a key's bulks with held items
+sluice:hold                   zset      key id -> not-before ms: keys with held items
+sluice:hold:ticket            string    counter giving bulks their submission order
+sluice:bulk:running           zset      job id -> claim ms: started items not yet ended
+sluice:bulk:keyrunning        hash      key id -> its started items not yet ended
+sluice:bulk:pending           hash      key id -> its items submitted and not yet ended
+sluice:bulk:finished          zset      bulk id -> ms: ended bulks whose end is not yet told
+sluice:bulk:starts:{kid}      list      ms of the key's latest item starts (for ETAs)
+sluice:bulk:wake              channel   wakes the pump: a submission, a cancel, an end
+sluice:pump                   string    token of the worker process that pumps
+sluice:file:{fid}             hash      an uploaded (or rendered) file: owner, name, size
+sluice:file:{fid}:content     string    the file's bytes
+sluice:batch:{bid}            hash      a batch's own fields (status, counts: its bulk)
+sluice:batch:{bid}:render     string    held by the front end rendering its result files
+sluice:batches:{kid}          zset      batch id -> created ms: a key's batches
+============================  ========  ==============================================
 """
 
 from __future__ import annotations
@@ -125,3 +155,83 @@ def reservation(job_id: str) -> str:
 def usage(key_id: str, day: str) -> str:
     """An API key's usage counters for one UTC day (``YYYY-MM-DD``)."""
     return f"{PREFIX}usage:{key_id}:{day}"
+
+
+# -- bulk and batch items ---------------------------------------------------
+
+def bulk(bulk_id: str) -> str:
+    """A bulk's record: owner, tier, cursor, counts, status."""
+    return f"{PREFIX}bulk:{bulk_id}"
+
+
+def bulk_specs(bulk_id: str) -> str:
+    """A bulk's item specs by index, each deleted when its item starts."""
+    return f"{PREFIX}bulk:{bulk_id}:specs"
+
+
+def bulk_refs(bulk_id: str) -> str:
+    """A bulk's item refs (a socket's ``ref``, a batch line's ``custom_id``) by index."""
+    return f"{PREFIX}bulk:{bulk_id}:refs"
+
+
+def bulk_results(bulk_id: str) -> str:
+    """A bulk's item outcomes by index (kept for batches)."""
+    return f"{PREFIX}bulk:{bulk_id}:results"
+
+
+def bulk_skip(bulk_id: str) -> str:
+    """Indexes of a bulk's items cancelled before they started."""
+    return f"{PREFIX}bulk:{bulk_id}:skip"
+
+
+def hold(key_id: str) -> str:
+    """A key's bulks that still hold items, scored by submission order."""
+    return f"{PREFIX}hold:{key_id}"
+
+
+#: Keys with held items, scored by when the pump may next try to start one (ms).
+HOLD = f"{PREFIX}hold"
+#: The counter that orders bulks by submission.
+HOLD_TICKET = f"{PREFIX}hold:ticket"
+#: Started bulk items not yet ended (job id -> claim ms); the pump watches them end.
+BULK_RUNNING = f"{PREFIX}bulk:running"
+#: Per key id: its started bulk items not yet ended.
+BULK_KEY_RUNNING = f"{PREFIX}bulk:keyrunning"
+#: Per key id: its bulk items submitted and not yet ended.
+BULK_PENDING = f"{PREFIX}bulk:pending"
+#: Bulks that ended and whose ``bulk_done`` is not yet in their log.
+BULK_FINISHED = f"{PREFIX}bulk:finished"
+#: Wakes the pump: a bulk was submitted or cancelled, or an item's job ended.
+BULK_WAKE = f"{PREFIX}bulk:wake"
+#: The pump's lock: the token of the worker process that pumps.
+PUMP = f"{PREFIX}pump"
+
+
+def bulk_starts(key_id: str) -> str:
+    """When the key's latest bulk items started (ms), newest first."""
+    return f"{PREFIX}bulk:starts:{key_id}"
+
+
+def file(file_id: str) -> str:
+    """A Batch API file's record."""
+    return f"{PREFIX}file:{file_id}"
+
+
+def file_content(file_id: str) -> str:
+    """A Batch API file's bytes."""
+    return f"{PREFIX}file:{file_id}:content"
+
+
+def batch(bulk_id: str) -> str:
+    """A batch's own fields (endpoint, metadata, line errors, timestamps)."""
+    return f"{PREFIX}batch:{bulk_id}"
+
+
+def batch_render(bulk_id: str) -> str:
+    """Held (with a TTL) by the front end that renders a batch's result files."""
+    return f"{PREFIX}batch:{bulk_id}:render"
+
+
+def batches(key_id: str) -> str:
+    """A key's batches by creation time, for listing."""
+    return f"{PREFIX}batches:{key_id}"

@@ -154,6 +154,24 @@ max_concurrent_jobs = 1
 max_prompt_tokens = 40
 max_output_tokens = 64
 default_output_tokens = 16
+
+# Bulk and batch items: 5 at once and 20,000 tokens/min, all of it for batches.
+# (Tiers are the same in every process: the pump on any worker admits with them.)
+[tiers.bulk5]
+tokens_per_minute = 20_000
+requests_per_minute = 100_000
+max_concurrent_jobs = 5
+max_prompt_tokens = 1_000
+max_output_tokens = 64
+default_output_tokens = 16
+batch_share = 1.0
+
+# Half of the buckets and slots for batches, half kept for interactive requests.
+[tiers.halves]
+tokens_per_minute = 100_000
+requests_per_minute = 100_000
+max_concurrent_jobs = 4
+batch_share = 0.5
 """
 
 
@@ -179,6 +197,8 @@ def sluice_env(redis_server: RedisServer, mock: str, tiers_file: Path) -> dict[s
         "SLUICE_WORKER_CONCURRENCY": "300",
         "SLUICE_PROVIDER_MAX_RETRIES": "0",
         "SLUICE_METRICS_PORT": str(free_port()),
+        "SLUICE_BATCH_MAX_FILE_BYTES": "200000",
+        "SLUICE_BULK_STARTS_PER_S": "1000",
     }
 
 
@@ -186,7 +206,8 @@ def start_worker(start_proc: Callable[..., Proc], env: dict[str, str], name: str
     """Start one Celery worker process (gevent pool) and wait until it consumes."""
     proc = start_proc(f"worker-{name}", [
         str(BIN / "celery"), "-A", "workers.make_celery", "worker", "-P", "gevent",
-        "-c", env.get("SLUICE_WORKER_CONCURRENCY", "300"), "-Q", env.get("SLUICE_QUEUE", "sluice"),
+        "-c", env.get("SLUICE_WORKER_CONCURRENCY", "300"),
+        "-Q", f'{env.get("SLUICE_QUEUE", "sluice")},{env.get("SLUICE_BULK_QUEUE", "sluice-bulk")}',
         "-n", f"{name}-{time.monotonic_ns()}@%h", "--without-gossip", "--without-mingle",
         "-l", "INFO"], env)
     proc.wait_log("ready.")
