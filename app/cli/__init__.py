@@ -19,7 +19,7 @@ LAZY = {"keys": "app.cli.keys:keys", "usage": "app.cli.keys:usage",
         "admission-bench": "app.cli.bench.admission:admission_bench",
         "bench-paths": "app.cli.bench.paths:bench_paths",
         "run": "app.cli.run:run", "flower": "app.cli.flower:flower",
-        "soak": "app.cli.soak.cli:soak"}
+        "soak": "app.cli.soak.cli:soak", "batch": "app.cli.batch:batch"}
 
 
 class _LazyGroup(click.Group):
