@@ -279,7 +279,8 @@ class Stack:
             self._spawned += 1
             n = self._spawned
         return self._spawn(f"web{n}", [
-            str(BIN / "gunicorn"), "-k", "gevent", "-w", "1", "--worker-connections",
+            str(BIN / "gunicorn"), "-c", "python:app.gunicorn_conf", "-k", "gevent", "-w", "1",
+            "--worker-connections",
             "10000", "--backlog", "4096", "-b", f"127.0.0.1:{port}", "--graceful-timeout", "3",
             "--log-level", "warning", "app:create_app()"], {}, "web", signal.SIGTERM)
 
