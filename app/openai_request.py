@@ -115,9 +115,13 @@ def _body(request: Request, limit: int) -> dict[str, Any]:
 
 
 def _messages(messages: Any) -> Any:
-    """Chat messages with lists of text parts joined into strings (anything else as given)."""
     if messages is None:
         raise ApiError(400, "missing_field", "'messages' is required", "messages")
+    return join_text_parts(messages)
+
+
+def join_text_parts(messages: Any) -> Any:
+    """Chat messages with lists of text parts joined into strings (anything else as given)."""
     if not isinstance(messages, list):
         return messages
     out = []

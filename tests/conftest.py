@@ -217,6 +217,12 @@ def start_worker(start_proc: Callable[..., Proc], env: dict[str, str], name: str
 def start_web(start_proc: Callable[..., Proc], env: dict[str, str]) -> str:
     """Start one gunicorn front-end process; return its ws:// URL."""
     port = free_port()
+    start_web_on(start_proc, env, port)
+    return f"ws://127.0.0.1:{port}/ws"
+
+
+def start_web_on(start_proc: Callable[..., Proc], env: dict[str, str], port: int) -> Proc:
+    """Start one gunicorn front end on ``port`` and wait until it answers."""
     proc = start_proc("web", [str(BIN / "gunicorn"), "-c", "python:app.gunicorn_conf",
                               "-k", "gevent", "-w", "1",
                               "-b", f"127.0.0.1:{port}", "--log-level", "warning",
@@ -231,7 +237,7 @@ def start_web(start_proc: Callable[..., Proc], env: dict[str, str]) -> str:
         except OSError:
             return False
     wait_for(healthy, 30, "the front end to answer /healthz")
-    return f"ws://127.0.0.1:{port}/ws"
+    return proc
 
 
 @pytest.fixture(scope="session")
