@@ -95,6 +95,7 @@ class Pump:
         self._announced: dict[str, tuple[int, int, int]] = {}
         self._resent: dict[str, float] = {}
         self._meta_cache: dict[str, BulkRecord] = {}
+        self._heads: dict[str, str] = {}
         #: Starts are paced at ``bulk_starts_per_s`` (two in a row at most after a quiet
         #: spell), so a wave of ends does not become a wave of starts.
         self._interval = 1 / settings.bulk_starts_per_s
@@ -234,22 +235,30 @@ class Pump:
 
     def _start_one(self, key_id: str, now_ms: int) -> Started:
         """Start the key's next held item, or say why not."""
-        bulks = self.store.held_bulks(key_id, 1)
-        if not bulks:
-            self.store.forget_key(key_id)
-            return "wait"
-        rec = self._meta(bulks[0])
+        # A key's first bulk changes only when it is exhausted or stopped (later
+        # bulks queue behind it), so it is looked up once.
+        head = self._heads.get(key_id)
+        if head is None:
+            bulks = self.store.held_bulks(key_id, 1)
+            if not bulks:
+                self.store.forget_key(key_id)
+                return "wait"
+            head = self._heads[key_id] = bulks[0]
+        rec = self._meta(head)
         if rec is None or rec.status != "active":
-            self.store.next_item(bulks[0], key_id)  # takes it off the key's queue
+            self._heads.pop(key_id, None)
+            self.store.next_item(head, key_id)  # takes it off the key's queue
             return "progress"
         if now_ms > rec.expires_ms:
             self.engine.stop(rec, "expiring")
+            self._heads.pop(key_id, None)
             return "progress"
         tier = self.admission.tiers.get(rec.tier)
         key_cap = tier.batch_slots if tier else 1
         nxt = self.store.next_item(rec.bulk_id, key_id, key_cap)
         if nxt is None:
             self._meta_cache.pop(rec.bulk_id, None)
+            self._heads.pop(key_id, None)
             return "progress"
         index, raw = nxt
         if index < 0:

@@ -1,4 +1,4 @@
-"""The broker transport of Sluice's Celery app: kombu's Redis transport, one client per channel.
+"""The broker side of Sluice's Celery app: one Redis client per channel, a control loop that lasts.
 
 kombu's Redis channel builds a new ``redis.Redis`` for every publish, every
 ack and every QoS step (``Channel.conn_or_acquire`` calls ``_create_client``),
@@ -10,10 +10,15 @@ all.  kombu has no setting for this (nor an open issue about it).
 
 from __future__ import annotations
 
+import logging
+import time
 from typing import Any
 
 import redis
+from celery.worker.pidbox import gPidbox
 from kombu.transport import redis as kombu_redis
+
+log = logging.getLogger(__name__)
 
 
 class Channel(kombu_redis.Channel):
@@ -40,3 +45,31 @@ def share_redis_clients() -> None:
     TLS defaults.  Other brokers (AMQP, Sentinel) are left alone.
     """
     kombu_redis.Transport.Channel = Channel
+
+
+def keep_control_alive() -> None:
+    """Restart a gevent worker's control loop when its connection drops (idempotent).
+
+    Celery's greenlet pidbox loop (``gPidbox.loop``) ends at the first
+    connection error: the worker then never again answers ``celery inspect``,
+    Flower or ``enable_events``, for instance after Redis drops its pub/sub
+    connections (``CLIENT KILL TYPE pubsub``, an output buffer limit).
+    """
+    if getattr(gPidbox.loop, "restarts", False):
+        return
+    once = gPidbox.loop
+
+    def loop(self: gPidbox, c: Any) -> None:
+        while True:
+            try:
+                once(self, c)
+                return  # shut down
+            except Exception:  # any connection error; the loop itself never raises others
+                log.warning("control channel lost; reconnecting", exc_info=True)
+            shutdown = self._node_shutdown
+            if shutdown is None or shutdown.is_set() or not c.connection:
+                return
+            time.sleep(1.0)
+
+    loop.restarts = True  # type: ignore[attr-defined]
+    gPidbox.loop = loop

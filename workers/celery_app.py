@@ -22,7 +22,7 @@ from tasks.queue import Dispatcher, make_celery
 from tasks.runtime import Report
 from tasks.warmup import load_scripts
 from workers import metrics
-from workers.broker import share_redis_clients
+from workers.broker import keep_control_alive, share_redis_clients
 from workers.provider import Provider
 
 log = logging.getLogger(__name__)
@@ -85,6 +85,7 @@ def create_celery(settings: Settings | None = None) -> Celery:
     """
     settings = settings or Settings.from_env()
     share_redis_clients()
+    keep_control_alive()
     app = make_celery(
         settings,
         include=["tasks.generate"],
