@@ -247,23 +247,26 @@ def test_redelivered_copies_change_nothing(pool: Pool, web: str, ledger: Ledger,
                                            connect: Callable[..., Client]) -> None:
     """A copy of a running job's message and one of an ended job's: no second run, event or settlement."""
     celery = make_celery(Settings.from_env(sluice_env))
-    c = connect(web, key=ledger.raw)
-    c.send(type="generate", prompt="copy me", max_tokens=20)
-    job_id = ledger.submitted(c.recv())
-    c.until(lambda f: f.get("type") == "token")
-    logs = lambda: "".join(p.log() for p in pool.ports)  # noqa: E731
-    celery.send_task(TASK_NAME, args=[job_id], queue=QUEUE)
-    wait_for(lambda: f"job {job_id} runs in another attempt; this copy does nothing" in logs(),
-             5, "the worker to drop the copy of the running job")
-    ev = c.finish({job_id})[job_id]
-    assert contiguous(ev) and "restart" not in [e["type"] for e in ev]
-    assert ev[-1]["type"] == "done" and ev[-1]["metrics"]["attempts"] == 1
-    ledger.assert_settled(ev[-1]["usage"]["prompt_tokens"], 20)
-    before = ledger.snapshot()
-    celery.send_task(TASK_NAME, args=[job_id], queue=QUEUE)
-    wait_for(lambda: f"job {job_id} has ended; this copy does nothing" in logs(), 5,
-             "the worker to drop the copy of the ended job")
-    assert ledger.snapshot() == before
+    try:
+        c = connect(web, key=ledger.raw)
+        c.send(type="generate", prompt="copy me", max_tokens=20)
+        job_id = ledger.submitted(c.recv())
+        c.until(lambda f: f.get("type") == "token")
+        logs = lambda: "".join(p.log() for p in pool.ports)  # noqa: E731
+        celery.send_task(TASK_NAME, args=[job_id], queue=QUEUE)
+        wait_for(lambda: f"job {job_id} runs in another attempt; this copy does nothing" in logs(),
+                 5, "the worker to drop the copy of the running job")
+        ev = c.finish({job_id})[job_id]
+        assert contiguous(ev) and "restart" not in [e["type"] for e in ev]
+        assert ev[-1]["type"] == "done" and ev[-1]["metrics"]["attempts"] == 1
+        ledger.assert_settled(ev[-1]["usage"]["prompt_tokens"], 20)
+        before = ledger.snapshot()
+        celery.send_task(TASK_NAME, args=[job_id], queue=QUEUE)
+        wait_for(lambda: f"job {job_id} has ended; this copy does nothing" in logs(), 5,
+                 "the worker to drop the copy of the ended job")
+        assert ledger.snapshot() == before
+    finally:
+        celery.close()  # its broker connection: a leaked socket fails a later test
 
 
 def test_final_event_and_settlement_are_one_redis_call(pool: Pool, web: str, r: redis.Redis,
