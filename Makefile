@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 
-.PHONY: install run test lint mypy bench clean all
+.PHONY: install run test chaos soak lint mypy bench clean all
 
 install:
 	python3 -m venv $(VENV)
@@ -15,6 +15,14 @@ run:
 
 test:
 	$(BIN)/pytest
+
+# Also part of `make test`: 200 streams while workers and front ends are killed.
+chaos:
+	$(BIN)/pytest tests/test_chaos.py -rxX
+
+# Not in CI: 30 minutes of mixed load; `sluice soak --minutes 2` for a smoke run.
+soak:
+	$(BIN)/sluice soak --minutes 30 --out soak-results
 
 lint:
 	$(BIN)/ruff check app workers tasks tests

@@ -19,7 +19,7 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
 
         gunicorn -k gevent 'app:create_app()'
     """
-    from app import batch_api, health, metrics, page, usage, ws
+    from app import batch_api, health, metrics, openai_api, page, usage, ws
     from app.frontend import FrontEnd
     from tasks.bulk import BulkEngine
 
@@ -31,11 +31,13 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     front = app.extensions["sluice"] = FrontEnd.build(settings)
     app.extensions["sluice_bulk"] = BulkEngine(front.redis, settings, front.admission,
                                                front.jobs, front.events)
+    front.warm()
     ws.sock.init_app(app)
     app.register_blueprint(ws.bp)
     app.register_blueprint(health.bp)
     app.register_blueprint(metrics.bp)
     app.register_blueprint(usage.bp)
     app.register_blueprint(page.bp)
+    app.register_blueprint(openai_api.bp)
     app.register_blueprint(batch_api.bp)
     return app

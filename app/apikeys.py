@@ -13,13 +13,14 @@ import hashlib
 import hmac
 import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import redis
 
 from tasks import keys
+from tasks.jobs import JobStore
 
 KEY_PREFIX = "sk-sluice-"
 KEY_ID_HEX = 16
@@ -28,6 +29,20 @@ MAX_NAME_CHARS = 100
 ACTIVE, REVOKED = "active", "revoked"
 #: The key id of requests made without a key, when anonymous access is enabled.
 ANONYMOUS_ID = "anonymous"
+
+
+# Register an API key unless its id is taken, all at once: a concurrent verify
+# sees either no key or the whole record, never half of one.
+# KEYS[1] the key's record hash, KEYS[2] the key index zset.
+# ARGV[1] sha256 hex digest, ARGV[2] name, ARGV[3] tier, ARGV[4] created ms, ARGV[5] key id.
+# Returns 1 if registered, 0 if the id was taken (the record is left alone).
+CREATE = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], 'hash', ARGV[1], 'name', ARGV[2], 'tier', ARGV[3],
+           'created_ms', ARGV[4], 'state', 'active')
+redis.call('ZADD', KEYS[2], ARGV[4], ARGV[5])
+return 1
+"""
 
 
 class KeyNotFoundError(LookupError):
@@ -76,6 +91,9 @@ class KeyStore:
 
     def __init__(self, client: redis.Redis) -> None:
         self.redis = client
+        self._create = client.register_script(CREATE)
+        # Only its cancel is used, which needs no TTL.
+        self._jobs = JobStore(client, ttl_s=0)
 
     def create(self, name: str, tier: str, raw: str | None = None) -> tuple[str, KeyInfo]:
         """Make a new key; the caller must show it now, as only its hash is stored.
@@ -103,16 +121,15 @@ class KeyStore:
             info = KeyInfo(digest[:KEY_ID_HEX], name, tier, int(time.time() * 1000))
             # 64-bit ids never collide in practice; if one does, draw again rather
             # than overwrite someone's key.
-            if self.redis.hsetnx(keys.api_key(info.key_id), "hash", digest):
-                break
+            if self._create(keys=[keys.api_key(info.key_id), keys.API_KEYS],
+                            args=[digest, name, tier, info.created_ms, info.key_id]):
+                return raw, info
             if given is not None:
+                # Registered a moment ago by a concurrent first use of the same key.
+                existing = self.verify(given)
+                if existing is not None:
+                    return given, existing
                 raise ValueError(f"key id {info.key_id} is taken (or that key was revoked)")
-        pipe = self.redis.pipeline()
-        pipe.hset(keys.api_key(info.key_id), mapping={
-            "name": name, "tier": tier, "created_ms": info.created_ms, "state": ACTIVE})
-        pipe.zadd(keys.API_KEYS, {info.key_id: info.created_ms})
-        pipe.execute()
-        return raw, info
 
     def get(self, key_id: str) -> KeyInfo | None:
         """Read a key's record by id, or ``None`` when there is none."""
@@ -128,7 +145,12 @@ class KeyStore:
         return [info for info in found if info is not None]
 
     def revoke(self, key_id: str) -> KeyInfo:
-        """Revoke a key: from now on :meth:`verify` refuses it.  Revoking twice is harmless.
+        """Revoke a key everywhere at once.  Revoking twice is harmless (and tells everyone again).
+
+        From now on :meth:`verify` refuses it; every front end hears of it on
+        :data:`tasks.keys.REVOKED` and closes the key's open sockets; and the
+        key's unsettled jobs (those holding a concurrency slot) are cancelled,
+        so a revoked key stops spending at once.
 
         :return: the revoked key's record.
         :raises KeyNotFoundError: no key has this id.
@@ -136,13 +158,33 @@ class KeyStore:
         info = self.get(key_id)
         if info is None:
             raise KeyNotFoundError(f"no API key with id {key_id!r}")
+        pipe = self.redis.pipeline()
         if info.active:
             revoked_ms = int(time.time() * 1000)
-            self.redis.hset(keys.api_key(key_id),
-                            mapping={"state": REVOKED, "revoked_ms": revoked_ms})
+            pipe.hset(keys.api_key(key_id), mapping={"state": REVOKED, "revoked_ms": revoked_ms})
             info = KeyInfo(info.key_id, info.name, info.tier, info.created_ms, REVOKED,
                            revoked_ms)
+        pipe.publish(keys.REVOKED, key_id)
+        pipe.zrange(keys.slots(key_id), 0, -1)
+        unsettled = pipe.execute()[-1]
+        # Jobs admitted after this read are cancelled by the front end whose
+        # socket submitted them, once it hears of the revocation.
+        for job_id in unsettled:
+            self._jobs.request_cancel(_text(job_id))
         return info
+
+    def active_ids(self, key_ids: Iterable[str]) -> set[str]:
+        """Which of ``key_ids`` are active keys now (one round trip).
+
+        :raises redis.RedisError: Redis cannot be reached.
+        """
+        ids = list(key_ids)
+        pipe = self.redis.pipeline(transaction=False)
+        for key_id in ids:
+            pipe.hget(keys.api_key(key_id), "state")
+        states = pipe.execute()
+        return {i for i, state in zip(ids, states, strict=True)
+                if state is not None and _text(state) == ACTIVE}
 
     def verify(self, raw_key: str) -> KeyInfo | None:
         """Return the record of an active key, or ``None`` for an unknown or revoked one.
@@ -150,7 +192,9 @@ class KeyStore:
         :param raw_key: the key as the client presented it (``Bearer`` token).
         :raises redis.RedisError: Redis cannot be reached; the caller decides what that means.
         """
-        if not raw_key.startswith(KEY_PREFIX) or len(raw_key) > MAX_KEY_CHARS:
+        # Keys are ASCII; anything else (a lone surrogate included) is no key.
+        if not raw_key.startswith(KEY_PREFIX) or len(raw_key) > MAX_KEY_CHARS \
+                or not raw_key.isascii():
             return None
         digest = hash_key(raw_key)
         key_id = digest[:KEY_ID_HEX]

@@ -16,6 +16,7 @@ from typing import Any
 
 import gevent
 
+from app.openai_request import join_text_parts
 from app.protocol import Generate, ProtocolError, parse
 from tasks.bulk import Held
 from tasks.config import Settings
@@ -168,17 +169,6 @@ def _request(request: dict[str, Any], endpoint: str, settings: Settings) -> Held
 
 
 def _messages(messages: Any) -> Any:
-    """Chat messages with lists of text parts joined into strings (anything else as given)."""
     if messages is None:
         raise _LineRefusedError("missing_field", "'body.messages' is required", "body.messages")
-    if not isinstance(messages, list):
-        return messages
-    out = []
-    for m in messages:
-        content = m.get("content") if isinstance(m, dict) else None
-        if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
-                                             and isinstance(p.get("text"), str)
-                                             for p in content):
-            m = {**m, "content": "".join(p["text"] for p in content)}
-        out.append(m)
-    return out
+    return join_text_parts(messages)

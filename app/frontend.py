@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import redis
@@ -11,10 +12,15 @@ from app.admission import Admission
 from app.apikeys import Authenticator, KeyStore
 from app.intake import Intake
 from app.relay import Relay
+from app.sockets import Sockets
 from tasks.config import Settings
 from tasks.events import EventLog
+from tasks.frames import FrameBudget
 from tasks.jobs import JobStore
-from tasks.queue import Dispatcher, make_celery
+from tasks.queue import Dispatcher, TaskMessages, make_celery
+from tasks.warmup import load_encodings, load_scripts
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -36,6 +42,10 @@ class FrontEnd:
     admission: Admission
     intake: Intake
     celery: Celery
+    #: The API keys' client-frame budgets.
+    frames: FrameBudget
+    #: This process's open sockets.
+    sockets: Sockets
 
     @classmethod
     def build(cls, settings: Settings) -> FrontEnd:
@@ -46,10 +56,34 @@ class FrontEnd:
         admission = Admission.from_settings(settings, client)
         celery = make_celery(settings)  # a producer: the front end runs no task
         dispatcher = Dispatcher(celery, jobs, events, admission.budget)
-        auth = Authenticator(KeyStore(client), allow_anonymous=settings.allow_anonymous,
+        store = KeyStore(client)
+        auth = Authenticator(store, allow_anonymous=settings.allow_anonymous,
                              anonymous_tier=settings.anonymous_tier, demo_key=settings.demo_key)
-        return cls(settings, client, jobs, events, Relay(client), auth, admission,
-                   Intake(admission, jobs, dispatcher), celery)
+        sockets = Sockets(store)
+        relay = Relay(client, sockets, lost_after_s=settings.redis_lost_after_s)
+        frames = FrameBudget(client, per_s=settings.key_frames_per_s,
+                             burst=settings.key_frame_burst,
+                             tiers={name: t.rates for name, t in admission.tiers.items()})
+        # Enqueued by the job-creation script when the broker is this Redis.
+        messages = TaskMessages(celery) if TaskMessages.inline(settings) else None
+        return cls(settings, client, jobs, events, relay, auth, admission,
+                   Intake(admission, jobs, dispatcher, messages), celery, frames, sockets)
+
+    def warm(self) -> None:
+        """Load the models' token encodings, connect to Redis and load its scripts now.
+
+        Done at start, so the first request does not pay for it (100-200 ms);
+        best effort: with Redis down the front end still starts, and
+        ``/readyz`` says what is wrong.
+        """
+        try:
+            load_encodings(self.settings.model_names)
+            load_scripts(self.redis, self.jobs, self.events, self.admission.budget,
+                         self.auth.store, self.frames)
+        except redis.RedisError as e:
+            log.warning("warm-up: Redis unreachable (%s)", e)
+        except Exception:  # a warm-up must not stop the front end
+            log.exception("warm-up failed")
 
     def ready(self) -> dict[str, str]:
         """Check Redis and the broker; return a problem per failing part."""

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import redis
-
 from app.admission import Admission
 from app.apikeys import KeyInfo
 from tasks.jobs import JobSpec, JobStore
 from tasks.limits import Limits
-from tasks.queue import Dispatcher
+from tasks.queue import Dispatcher, TaskMessages
 
 
 @dataclass(frozen=True)
@@ -23,45 +21,59 @@ class Submitted:
     #: The key's figures after the reservation; ``None`` when admitted without Redis.
     limits: Limits | None
     spec: JobSpec
+    #: Already on its queue: the job-creation script pushed its broker message.
+    enqueued: bool = False
 
 
 class Intake:
     """Admits, stores and enqueues jobs for every socket and request of a front end.
 
+    With ``messages`` (the broker is Sluice's Redis), a job that may start now
+    is stored and enqueued by one script; otherwise :meth:`start` sends it.
+
     Example::
 
-        intake = Intake(admission, jobs, dispatcher)
+        intake = Intake(admission, jobs, dispatcher, TaskMessages(celery))
         submitted = intake.submit(key, spec, max_tokens_given=True)
     """
 
-    def __init__(self, admission: Admission, jobs: JobStore, dispatcher: Dispatcher) -> None:
+    def __init__(self, admission: Admission, jobs: JobStore, dispatcher: Dispatcher,
+                 messages: TaskMessages | None = None) -> None:
         self.admission = admission
         self.jobs = jobs
         self.dispatcher = dispatcher
+        self.messages = messages
 
     def submit(self, key: KeyInfo, spec: JobSpec, *, max_tokens_given: bool = True
                ) -> Submitted:
-        """Admit and store a job; the caller then :meth:`start`\\ s it.
+        """Admit, store and, if it may start, enqueue a job; the caller then :meth:`start`\\ s it.
 
         Admission comes before anything is stored or enqueued: a refused
         request costs no worker time and leaves nothing behind.
 
         :raises app.admission.AdmissionRejectedError: the request is refused.
-        :raises redis.RedisError: Redis failed after admission (the reservation is refunded).
+        :raises Exception: storing the job failed after admission (Redis, or anything
+            else); the reservation and slot are refunded first.
         """
         admitted = self.admission.admit(key, spec, max_tokens_given=max_tokens_given)
+        spec = admitted.spec
         try:
-            _, position = self.jobs.create(admitted.spec, admitted.job_id)
-        except redis.RedisError:
+            message = self.messages.render(admitted.job_id, spec.queue) if self.messages else ""
+            _, position = self.jobs.create(spec, admitted.job_id, message=message)
+        except BaseException:
+            # Whatever failed, nothing will ever settle this job: give its slot back now.
             self.dispatcher.refund(admitted.job_id)
             raise
-        return Submitted(admitted.job_id, position, admitted.limits, admitted.spec)
+        enqueued = bool(message) and (not spec.session or position == 0)
+        return Submitted(admitted.job_id, position, admitted.limits, spec, enqueued)
 
     def start(self, submitted: Submitted) -> None:
-        """Enqueue a stored job, unless it waits behind its chat session's earlier jobs.
+        """Enqueue a stored job, unless it is on its queue already or waits behind its session.
 
         A job the broker refuses ends with an ``error`` event in its log.
         """
         spec = submitted.spec
+        if submitted.enqueued:
+            return
         if not spec.session or submitted.position == 0:
             self.dispatcher.enqueue(submitted.job_id, spec.queue, spec.owner, spec.session)

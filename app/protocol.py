@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,21 +20,35 @@ from tasks.jobs import JOB_ID, JobSpec
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
 MAX_REF_CHARS = 200
 MAX_SESSION_CHARS = 200
+#: Deepest nesting a frame may have; real frames need 4 (a message inside ``messages``).
+MAX_DEPTH = 32
+#: A lone surrogate cannot be encoded as UTF-8: it would fail wherever the text goes next.
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class ProtocolError(Exception):
     """A client frame that cannot be served; the socket stays open."""
 
-    def __init__(self, code: str, message: str, ref: Any = None) -> None:
+    def __init__(self, code: str, message: str, ref: Any = None, *,
+                 retry_after: float | None = None, scope: str | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.ref = ref
+        #: Seconds after which the same frame would be accepted (``rate_limited``).
+        self.retry_after = retry_after
+        #: Which frame budget refused it: ``socket`` or ``key`` (``rate_limited``).
+        self.scope = scope
 
     def frame(self) -> str:
         """The ``error`` frame telling the client what was wrong."""
-        return json.dumps({"type": "error", "ref": self.ref, "code": self.code,
-                           "message": self.message})
+        body: dict[str, Any] = {"type": "error", "ref": self.ref, "code": self.code,
+                                "message": self.message}
+        if self.retry_after is not None:
+            body["retry_after"] = self.retry_after
+        if self.scope is not None:
+            body["scope"] = self.scope
+        return json.dumps(body)
 
 
 @dataclass(frozen=True)
@@ -85,17 +100,22 @@ def parse(text: str | bytes, settings: Settings) -> Request:
         frame = json.loads(text)
     except ValueError as e:
         raise ProtocolError("bad_json", f"frame is not valid JSON: {e}") from e
+    except RecursionError as e:
+        raise ProtocolError("bad_json", f"frame is nested too deeply; at most {MAX_DEPTH} "
+                            "levels are allowed") from e
     if not isinstance(frame, dict):
         raise ProtocolError("bad_frame", f"frame must be a JSON object, not {_kind(frame)}")
     ref = frame.get("ref")
     if ref is not None and not (isinstance(ref, (str, int)) and not isinstance(ref, bool)
-                                and len(str(ref)) <= MAX_REF_CHARS):
+                                and len(str(ref)) <= MAX_REF_CHARS
+                                and not (isinstance(ref, str) and _SURROGATE.search(ref))):
         raise ProtocolError("bad_field", f"'ref' must be a string or integer of at most "
                             f"{MAX_REF_CHARS} characters")
     kind = frame.get("type")
     try:
+        _check_text(frame)
         if kind == "generate":
-            return Generate(ref, _spec(frame, settings), "max_tokens" in frame)
+            return generate_request(frame, settings, ref)
         if kind == "auth":
             key = frame.get("key")
             if not isinstance(key, str) or not key:
@@ -110,6 +130,16 @@ def parse(text: str | bytes, settings: Settings) -> Request:
         raise
     raise ProtocolError("unknown_type", f"unknown frame type {kind!r:.40}; expected "
                         "'auth', 'generate', 'resume' or 'cancel'", ref)
+
+
+def generate_request(fields: dict[str, Any], settings: Settings, ref: Any = None) -> Generate:
+    """Validate a generation request: a ``generate`` frame's fields, or an HTTP API body's.
+
+    :param fields: ``prompt`` or ``messages``, and optionally ``model``, ``max_tokens``,
+        ``temperature``, ``seed``, ``session``; other keys are ignored.
+    :raises ProtocolError: a field is missing or bad; the error names it.
+    """
+    return Generate(ref, _spec(fields, settings), "max_tokens" in fields)
 
 
 def _spec(frame: dict[str, Any], settings: Settings) -> JobSpec:
@@ -127,10 +157,12 @@ def _spec(frame: dict[str, Any], settings: Settings) -> JobSpec:
                             f"{MAX_SESSION_CHARS} characters")
     temperature = frame.get("temperature")
     if temperature is not None:
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
-                or not math.isfinite(temperature):
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
             raise ProtocolError("bad_field", f"'temperature' must be a number, not "
                                 f"{_kind(temperature)}")
+        if not math.isfinite(temperature):
+            raise ProtocolError("bad_field", f"'temperature' must be a finite number, "
+                                f"got {temperature}")
         if not 0 <= temperature <= 2:
             raise ProtocolError("out_of_range", f"'temperature' must be within 0..2, "
                                 f"got {temperature}")
@@ -184,6 +216,34 @@ def _job_id(frame: dict[str, Any]) -> str:
         raise ProtocolError("bad_field", f"'job_id' must be 32 lowercase hex digits, "
                             f"got {job_id!r:.60}")
     return job_id
+
+
+def _check_text(frame: dict[str, Any]) -> None:
+    """Refuse frames nested deeper than :data:`MAX_DEPTH` or holding a lone surrogate.
+
+    Every string counts, keys and fields Sluice ignores included: JSON's
+    ``\\ud800`` escape decodes to text that no later step can encode.
+    Iterative, so no frame can exhaust the stack.
+    """
+    todo: list[tuple[Any, str, int]] = [(frame, "", 1)]
+    while todo:
+        value, path, depth = todo.pop()
+        if isinstance(value, str):
+            if not value.isascii() and _SURROGATE.search(value):
+                raise ProtocolError("bad_field", f"{path} holds a lone UTF-16 surrogate; "
+                                    "strings must be valid Unicode")
+        elif isinstance(value, (dict, list)):
+            if depth > MAX_DEPTH:
+                raise ProtocolError("bad_frame", f"frame is nested deeper than {MAX_DEPTH} "
+                                    f"levels, at {path[:80]}")
+            if isinstance(value, dict):
+                for k, v in value.items():
+                    name = f"{path[1:-1]}.{k:.40}" if path else f"{k:.40}"
+                    # Pushed after its value, so a bad key is reported before its name is used.
+                    todo.append((v, f"'{name}'", depth + 1))
+                    todo.append((k, f"a key of {path or 'the frame'}", depth))
+            else:
+                todo.extend((v, f"'{path[1:-1]}[{i}]'", depth + 1) for i, v in enumerate(value))
 
 
 def _kind(value: Any) -> str:

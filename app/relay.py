@@ -10,11 +10,20 @@ reconnect are all the same code path, and nothing is lost.
 One greenlet owns the pub/sub connection: it reads, and it sends the
 (un)subscribe commands that sockets queue.  Two greenlets on one connection
 is what gevent forbids and what a reconnect would tear.
+
+The same connection carries what concerns the whole process, for its
+:class:`Watcher` (the socket registry): revoked API keys, a (re)subscription
+to them (whatever was revoked while we were not listening must be checked
+now), and the loss of Redis.  A pub/sub connection sends nothing while idle,
+so a dead one would never raise: the reader PINGs every :data:`PING_S` and
+counts the connection dead when nothing, not even the PONG, came back for
+:data:`DEAD_AFTER_S`.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from collections import defaultdict, deque
 from typing import Protocol
@@ -30,6 +39,12 @@ log = logging.getLogger(__name__)
 POLL_S = 0.02
 #: Channels per SUBSCRIBE when resubscribing after a reconnect.
 BATCH = 1000
+#: How often an idle pub/sub connection is asked to prove it is alive.
+PING_S = 1.0
+#: Silence after which the connection is counted dead (no PONG to three PINGs).
+DEAD_AFTER_S = 3.0
+#: Pause between attempts to reconnect.
+RETRY_S = 0.25
 
 
 class Follower(Protocol):
@@ -42,6 +57,19 @@ class Follower(Protocol):
         """Read the log from your position now; must not block."""
 
 
+class Watcher:
+    """What the relay tells about the whole process; every method must not block."""
+
+    def on_revoked(self, key_id: str) -> None:
+        """An API key was revoked."""
+
+    def on_watching(self) -> None:
+        """Revocations are being heard (again): check for any missed meanwhile."""
+
+    def on_redis_lost(self) -> None:
+        """Redis is gone (unreachable for a while, or restarted and maybe emptied)."""
+
+
 class Relay:
     """Subscribes to the wake-up channels of the jobs this process's sockets follow.
 
@@ -51,13 +79,28 @@ class Relay:
         relay.follow(job_id, connection)   # connection.on_catchup(job_id) follows
     """
 
-    def __init__(self, client: redis.Redis) -> None:
+    def __init__(self, client: redis.Redis, watcher: Watcher | None = None, *,
+                 lost_after_s: float = 2.0) -> None:
         self.redis = client
+        self.watcher = watcher or Watcher()
+        #: Redis unreachable this long counts as lost (see :meth:`Watcher.on_redis_lost`).
+        self.lost_after_s = lost_after_s
         self.followers: dict[str, set[Follower]] = defaultdict(set)
         # Subscribe commands queued or sent whose confirmation has not come back.
         self.unconfirmed: dict[str, int] = defaultdict(int)
         self.commands: deque[tuple[str, str]] = deque()
         self.reader: gevent.Greenlet | None = None
+        #: The Redis server's run id when last connected; another one means it restarted.
+        self.run_id: str | None = None
+        #: The watcher was told of the current outage (not to be told twice).
+        self.lost = False
+        #: When Redis last answered on the pub/sub connection (monotonic seconds).
+        self.heard = time.monotonic()
+
+    def start(self) -> None:
+        """Start listening, if not already; never blocks."""
+        if self.reader is None or self.reader.dead:
+            self.reader = gevent.spawn(self._run)
 
     def follow(self, job_id: str, follower: Follower) -> None:
         """Start delivering ``job_id``'s events to ``follower``; never blocks.
@@ -65,8 +108,7 @@ class Relay:
         The follower gets :meth:`Follower.on_catchup` once the subscription is
         live, then every event as it is published.
         """
-        if self.reader is None or self.reader.dead:
-            self.reader = gevent.spawn(self._run)
+        self.start()
         first = not self.followers[job_id]
         self.followers[job_id].add(follower)
         if first:
@@ -86,27 +128,51 @@ class Relay:
             self.commands.append(("unsubscribe", keys.wake(job_id)))
 
     def _run(self) -> None:
+        down_since: float | None = None
         while True:
             pubsub = self.redis.pubsub()
             try:
                 # A channel of our own keeps the connection subscribed, so
                 # get_message() always has a connection to wait on.
-                pubsub.subscribe(keys.relay_channel(uuid.uuid4().hex))
+                pubsub.subscribe(keys.relay_channel(uuid.uuid4().hex), keys.REVOKED)
                 self._resubscribe(pubsub)
-                while True:
-                    self._send_commands(pubsub)
-                    message = pubsub.get_message(timeout=POLL_S)
-                    while message is not None:
-                        self._dispatch(message)
-                        message = pubsub.get_message(timeout=0)
-            except (redis.ConnectionError, redis.TimeoutError, OSError) as e:
-                log.warning("relay lost its Redis connection (%s); reconnecting", e)
-                gevent.sleep(0.5)
+                down_since = None
+                self._listen(pubsub)
+            except Exception as e:  # the reader must outlive anything
+                now = time.monotonic()
+                if down_since is None:
+                    # A silent connection has been down since Redis last spoke.
+                    down_since = min(now, self.heard)
+                    log.warning("relay lost its Redis connection (%r); reconnecting", e,
+                                exc_info=not isinstance(e, (redis.ConnectionError,
+                                                            redis.TimeoutError, OSError)))
+                if not self.lost and now - down_since >= self.lost_after_s:
+                    self.lost = True
+                    log.error("Redis unreachable for %.1fs; telling clients to reconnect",
+                              now - down_since)
+                    self.watcher.on_redis_lost()
+                gevent.sleep(RETRY_S)
             finally:
                 try:
                     pubsub.close()
                 except (redis.RedisError, OSError):
                     pass
+
+    def _listen(self, pubsub: redis.client.PubSub) -> None:
+        self.heard = next_ping = time.monotonic()
+        while True:
+            self._send_commands(pubsub)
+            message = pubsub.get_message(timeout=POLL_S)
+            now = time.monotonic()
+            while message is not None:
+                self.heard = now
+                self._dispatch(message)
+                message = pubsub.get_message(timeout=0)
+            if now >= next_ping:
+                if now - self.heard > DEAD_AFTER_S:
+                    raise redis.TimeoutError(f"no reply from Redis for {now - self.heard:.1f}s")
+                pubsub.ping()
+                next_ping = now + PING_S
 
     def _resubscribe(self, pubsub: redis.client.PubSub) -> None:
         # A new connection: everything followed is subscribed afresh, and each
@@ -134,8 +200,11 @@ class Relay:
     def _dispatch(self, message: dict[str, object]) -> None:
         kind = message["type"]
         channel = message["channel"]
-        assert isinstance(channel, bytes)
+        if not isinstance(channel, bytes):
+            return  # a PONG
         if not channel.startswith(keys.WAKE_PREFIX.encode()):
+            if channel == keys.REVOKED.encode():
+                self._on_revocations(kind, message["data"])
             return
         job_id = keys.job_id_of_wake(channel.decode())
         if kind == "message":
@@ -155,3 +224,29 @@ class Relay:
             self.unconfirmed.pop(job_id, None)
             for follower in tuple(self.followers.get(job_id, ())):
                 follower.on_catchup(job_id)
+
+    def _on_revocations(self, kind: object, data: object) -> None:
+        if kind == "message" and isinstance(data, bytes):
+            self.watcher.on_revoked(data.decode())
+        elif kind == "subscribe":
+            # A new connection (ours, or one redis-py remade on its own): keys
+            # revoked while nobody listened must be found, and a restarted
+            # Redis may have lost the jobs our sockets follow.  Asked from
+            # another greenlet: a call that hangs (Redis went silent again)
+            # must not stop this one from noticing.
+            gevent.spawn(self._after_reconnect)
+
+    def _after_reconnect(self) -> None:
+        if self._restarted() and not self.lost:
+            self.watcher.on_redis_lost()
+        self.lost = False
+        self.watcher.on_watching()
+
+    def _restarted(self) -> bool:
+        try:
+            run_id = str(self.redis.info("server")["run_id"])
+        except (redis.RedisError, KeyError):
+            return False  # INFO may be disabled; then only a long outage counts
+        restarted = self.run_id is not None and run_id != self.run_id
+        self.run_id = run_id
+        return restarted

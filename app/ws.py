@@ -1,4 +1,11 @@
-"""The WebSocket endpoint: one receive loop and one writer greenlet per socket."""
+"""The WebSocket endpoint: one receive loop and one writer greenlet per socket.
+
+Every frame is metered before it is read (see :mod:`tasks.frames`), and
+every frame that cannot be served is answered with an ``error`` frame with a
+stable code — an unexpected exception included (``internal``), which leaves
+the socket open.  Nothing escapes the route: anything that did would make
+Flask write an HTTP 500 response onto the upgraded socket.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +14,10 @@ import logging
 import time
 from typing import Any
 
-import gevent
 import redis
 from flask import Blueprint, current_app, g, jsonify, request
 from flask.typing import ResponseReturnValue
 from flask_sock import Sock
-from gevent.queue import Full, Queue
 from simple_websocket import ConnectionClosed
 
 from app import metrics
@@ -20,17 +25,20 @@ from app.admission import AdmissionRejectedError
 from app.apikeys import Authenticator, KeyInfo, bearer_token
 from app.frontend import FrontEnd
 from app.intake import Intake
-from app.protocol import Auth, Cancel, Generate, ProtocolError, Resume, parse
+from app.protocol import Auth, Cancel, Generate, ProtocolError, Request, Resume, parse
 from app.relay import Relay
+from app.sockets import Sockets
+from app.writer import AUTH_TIMEOUT, UNAUTHORIZED, Closing, SocketWriter
 from tasks.config import Settings
-from tasks.events import TERMINAL, EventLog, frame_kind
+from tasks.events import EventLog
+from tasks.frames import FrameBucket, FrameBudget
 from tasks.jobs import FINAL, JobStore
 
 log = logging.getLogger(__name__)
 sock = Sock()
 bp = Blueprint("ws", __name__)
-OUTBOX_FRAMES = 10_000
-UNAUTHORIZED = 4401
+#: A resume costs one frame plus one per this many events it replays.
+REPLAY_EVENTS_PER_FRAME = 50
 
 
 @bp.before_request
@@ -54,143 +62,180 @@ def authenticate_handshake() -> ResponseReturnValue | None:
 
 
 class Connection:
-    """One client socket: reads requests, writes frames, follows jobs.
-
-    Only the writer greenlet sends (flask-sock's send is not safe to call
-    from two greenlets).  Live events that do not fit in the outbox are
-    dropped and read back from the job's log: a slow client costs memory in
-    Redis, not in this process.
-    """
+    """One client socket: reads and serves requests; its writer sends and follows jobs."""
 
     def __init__(self, ws: Any, *, settings: Settings, auth: Authenticator, intake: Intake,
-                 jobs: JobStore, events: EventLog, relay: Relay, key: KeyInfo | None) -> None:
+                 jobs: JobStore, events: EventLog, relay: Relay, frames: FrameBudget,
+                 sockets: Sockets, key: KeyInfo | None) -> None:
         self.ws = ws
         self.settings = settings
         self.auth = auth
         self.intake = intake
         self.jobs = jobs
-        self.events = events
-        self.relay = relay
+        self.frames = frames
+        self.sockets = sockets
+        self.writer = SocketWriter(ws, events=events, jobs=jobs, relay=relay)
+        self.bucket = FrameBucket(settings.socket_frames_per_s, settings.socket_frame_burst)
         #: Who the socket acts for; ``None`` until an ``auth`` frame succeeds.
         self.key = key
-        self.outbox: Queue[tuple[str, str, int, str]] = Queue(OUTBOX_FRAMES)
-        #: job id -> the next seq this client should receive
-        self.following: dict[str, int] = {}
-        self.lagging: set[str] = set()
-        #: jobs this socket submitted and has not yet sent a token of -> accepted at
-        self.accepted_at: dict[str, float] = {}
-        #: set when the socket must close, with (code, reason)
-        self.closing: tuple[int, str] | None = None
 
     def serve(self) -> None:
-        """Run the socket until the client goes away."""
-        writer = gevent.spawn(self._write)
-        writer.link_exception(self._writer_died)
+        """Run the socket until the client goes away or the socket is closed."""
+        self.writer.start()
+        self.sockets.add(self)
         metrics.OPEN_SOCKETS.inc()
         try:
-            while True:
-                text = self.ws.receive()
-                if text is None:
-                    break
-                if not self._handle(text):
-                    break
+            self._receive()
         except ConnectionClosed:
             pass
         finally:
-            if self.closing:
-                self._close(*self.closing, writer)
-            writer.kill()
+            self.sockets.discard(self)
+            closing = self.writer.closing
+            self.writer.finish()
             metrics.OPEN_SOCKETS.dec()
-            metrics.FOLLOWED_JOBS.dec(len(self.following))
-            for job_id in list(self.following):
-                self.relay.unfollow(job_id, self)
-            if self.settings.cancel_on_disconnect:
-                self._cancel_unfinished()
+            unfinished = self.writer.unfollow_all()
+            if self.settings.cancel_on_disconnect or (closing and closing.cancel_jobs):
+                self._cancel_all(unfinished)
 
-    def _writer_died(self, writer: gevent.Greenlet) -> None:
-        # A socket that can no longer send must not go on taking requests.
-        log.error("socket writer died: %r; closing the socket", writer.exception)
-        try:
-            self.ws.close(reason=1011, message="internal error")
-        except ConnectionClosed:
-            pass
+    def close(self, closing: Closing) -> None:
+        """Say why and close the socket; no frame is served after this.  Never blocks."""
+        self.writer.close(closing)
 
-    def _cancel_unfinished(self) -> None:
+    def following_jobs(self) -> bool:
+        """Whether the socket follows any job now."""
+        return bool(self.writer.following)
+
+    def _receive(self) -> None:
+        deadline = time.monotonic() + self.settings.auth_timeout_s
+        while self.writer.closing is None:
+            timeout = None
+            if self.key is None:
+                timeout = deadline - time.monotonic()
+                if timeout <= 0:
+                    metrics.REQUESTS_REJECTED.labels("auth_timeout").inc()
+                    self.close(Closing.error(AUTH_TIMEOUT, ProtocolError(
+                        "auth_timeout", f"no 'auth' frame within "
+                        f"{self.settings.auth_timeout_s:g}s of connecting").frame()))
+                    return
+            text = self.ws.receive(timeout=timeout)
+            if text is not None and self.writer.closing is None:
+                self._handle(text)
+
+    def _cancel_all(self, job_ids: list[str]) -> None:
         try:
-            for job_id in self.following:
+            for job_id in job_ids:
                 self.jobs.request_cancel(job_id)
         except redis.RedisError as e:
             log.warning("could not cancel the jobs of a closed socket: %s", e)
 
     # -- requests ---------------------------------------------------------
-    def _handle(self, text: str | bytes) -> bool:
-        """Serve one frame; return False when the socket must close."""
+    def _handle(self, text: str | bytes) -> None:
+        """Serve one frame; whatever happens, answer it and keep the socket."""
+        req: Request | None = None
         try:
+            wait_s = self.bucket.take()
+            if wait_s:
+                raise ProtocolError("rate_limited", f"this socket sent more than "
+                                    f"{self.settings.socket_frame_burst} frames at "
+                                    f"{self.settings.socket_frames_per_s:g}/s; retry in "
+                                    f"{wait_s:.3f}s", retry_after=round(wait_s, 3),
+                                    scope="socket")
             req = parse(text, self.settings)
-        except ProtocolError as e:
-            self._reject(e)
-            return True
-        try:
             if isinstance(req, Auth):
-                return self._auth(req)
-            if self.key is None:
-                return self._unauthorized(req.ref, "send an 'auth' frame with your API key "
-                                          "first, or an Authorization header on the handshake")
-            if isinstance(req, Generate):
+                self._auth(req)
+            elif self.key is None:
+                self._unauthorized(req.ref, "send an 'auth' frame with your API key first, "
+                                   "or an Authorization header on the handshake")
+            elif isinstance(req, Generate):
                 self._generate(req)
             elif isinstance(req, Resume):
                 self._resume(req)
             else:
                 self._cancel(req)
         except ProtocolError as e:
-            e.ref = req.ref
+            if e.ref is None and req is not None:
+                e.ref = req.ref
             self._reject(e)
         except AdmissionRejectedError as e:
             metrics.REQUESTS_REJECTED.labels(e.code).inc()
-            self._send_now(e.frame(req.ref))
+            self.writer.send(e.frame(req.ref if req else None))
         except redis.RedisError as e:
             log.warning("request failed: Redis unavailable: %s", e)
             self._reject(ProtocolError("unavailable", "the gateway cannot reach Redis; "
-                                       "retry shortly", req.ref))
-        return True
+                                       "retry shortly", req.ref if req else None))
+        except Exception:
+            # Each request undoes its own partial work (see Intake.submit); what
+            # is left is to say so and keep serving.
+            log.exception("serving a %s frame failed", type(req).__name__ if req else "client")
+            self._reject(ProtocolError("internal", "the gateway failed to serve this frame; "
+                                       "the error is logged", req.ref if req else None))
 
-    def _auth(self, req: Auth) -> bool:
+    def _auth(self, req: Auth) -> None:
+        if self.key is not None:
+            raise ProtocolError("bad_frame", "this socket is already authenticated")
         key = self.auth.authenticate(req.key)
         if key is None:
-            return self._unauthorized(req.ref, "invalid or revoked API key")
+            self._unauthorized(req.ref, "invalid or revoked API key")
+            return
         self.key = key
-        self._send_now(json.dumps({"type": "authenticated", "ref": req.ref,
-                                   "key_id": key.key_id, "tier": key.tier}))
-        return True
+        self.writer.send(json.dumps({"type": "authenticated", "ref": req.ref,
+                                     "key_id": key.key_id, "tier": key.tier}))
 
-    def _unauthorized(self, ref: Any, message: str) -> bool:
-        self._reject(ProtocolError("unauthorized", message, ref))
-        self.closing = (UNAUTHORIZED, "unauthorized")
-        return False
+    def _unauthorized(self, ref: Any, message: str) -> None:
+        metrics.REQUESTS_REJECTED.labels("unauthorized").inc()
+        self.close(Closing.error(UNAUTHORIZED,
+                                 ProtocolError("unauthorized", message, ref).frame()))
 
     def _reject(self, error: ProtocolError) -> None:
         metrics.REQUESTS_REJECTED.labels(error.code).inc()
-        self._send_now(error.frame())
+        self.writer.send(error.frame())
+
+    def _spend(self, cost: float = 1.0) -> None:
+        """Charge the key's frame budget (one round trip), or refuse the frame."""
+        assert self.key is not None
+        try:
+            wait_s = self.frames.take(self.key.key_id, self.key.tier, cost)
+        except (redis.ConnectionError, redis.TimeoutError):
+            if self.settings.admission_fail_open:
+                return
+            raise
+        if wait_s:
+            raise ProtocolError("rate_limited", f"this API key's sockets used up their "
+                                f"frame budget; retry in {wait_s:.3f}s",
+                                retry_after=wait_s, scope="key")
+
+    def _check_follow_limit(self) -> None:
+        limit = self.settings.max_follows_per_socket
+        if len(self.writer.following) >= limit:
+            raise ProtocolError("follow_limit", f"this socket follows {limit} jobs, its "
+                                "limit; wait for one to end, or open another socket")
 
     def _generate(self, req: Generate) -> None:
+        self._check_follow_limit()
+        self._spend()
         accepted = time.monotonic()
         assert self.key is not None
         submitted = self.intake.submit(self.key, req.spec, max_tokens_given=req.max_tokens_given)
         job_id = submitted.job_id
         metrics.JOBS_SUBMITTED.inc()
-        self.accepted_at[job_id] = accepted
+        # Enqueued before it is answered: from here on the worker settles the
+        # job, so nothing that fails below can leak its slot.  Its events reach
+        # the client only once followed, after ``queued``.
+        self.intake.start(submitted)
         queued: dict[str, Any] = {"type": "queued", "ref": req.ref, "job_id": job_id,
                                   "position": submitted.position}
         if submitted.limits is not None:
             queued["limits"] = submitted.limits.as_dict()
-        # ``queued`` goes into the outbox before the job can produce anything.
-        self._send_now(json.dumps(queued))
-        self.intake.start(submitted)
-        # Following after enqueueing is safe: events come from the log once
-        # the subscription is live.
-        self._follow(job_id, 0)
+        self.writer.send(json.dumps(queued))
+        self.writer.follow(job_id, 0, accepted_at=accepted)
 
     def _resume(self, req: Resume) -> None:
+        following = self.writer.following
+        if req.job_id in following:
+            raise ProtocolError("already_following", f"this socket already follows job "
+                                f"{req.job_id}; its events keep coming from seq "
+                                f"{following[req.job_id]}")
+        self._check_follow_limit()
         owner, status, events = self.jobs.progress(req.job_id)
         self._check_owner(req.job_id, owner)
         last = events - 1
@@ -198,9 +243,18 @@ class Connection:
             raise ProtocolError("out_of_range", f"job {req.job_id!r} has no events after "
                                 f"{req.after}: its last seq is {last}"
                                 + (" and it has ended" if status in FINAL else ""))
-        self._follow(req.job_id, req.after + 1)
+        # A replay costs in proportion to what it sends back.
+        cost = 1 + (last - req.after) / REPLAY_EVENTS_PER_FRAME
+        wait_s = self.bucket.take(cost - 1)
+        if wait_s:
+            raise ProtocolError("rate_limited", f"replaying {last - req.after} events costs "
+                                f"this socket {cost:.1f} frames; retry in {wait_s:.3f}s",
+                                retry_after=round(wait_s, 3), scope="socket")
+        self._spend(cost)
+        self.writer.follow(req.job_id, req.after + 1)
 
     def _cancel(self, req: Cancel) -> None:
+        self._spend()
         self._check_owner(req.job_id)
         self.jobs.request_cancel(req.job_id)
 
@@ -211,106 +265,20 @@ class Connection:
             raise ProtocolError("unknown_job", f"no job {job_id!r}: it never existed, its "
                                 "log has expired, or it belongs to another key")
 
-    def _follow(self, job_id: str, next_seq: int) -> None:
-        if job_id in self.following:
-            self.following[job_id] = min(self.following[job_id], next_seq)
-            self._put(("catchup", job_id, 0, ""))
-            return
-        self.relay.follow(job_id, self)
-        self.following[job_id] = next_seq
-        metrics.FOLLOWED_JOBS.inc()
-
-    def _close(self, code: int, reason: str, writer: gevent.Greenlet) -> None:
-        # Let the writer flush the error frame first; then close with ``code``.
-        self.outbox.put(("close", "", 0, ""))
-        writer.join(timeout=5)
-        try:
-            self.ws.close(reason=code, message=reason)
-        except ConnectionClosed:
-            pass
-
-    # -- relay callbacks (reader greenlet; must not block) -----------------
-    def on_event(self, job_id: str, seq: int, frame: str) -> None:
-        """Queue a live event for the writer."""
-        self._put(("event", job_id, seq, frame))
-
-    def on_catchup(self, job_id: str) -> None:
-        """Queue a read of the job's log for the writer."""
-        self._put(("catchup", job_id, 0, ""))
-
-    def _put(self, item: tuple[str, str, int, str]) -> None:
-        try:
-            self.outbox.put_nowait(item)
-        except Full:
-            if item[1]:
-                self.lagging.add(item[1])
-
-    def _send_now(self, frame: str) -> None:
-        # Control frames are never dropped: a client that does not read holds
-        # up its own receive loop instead.
-        self.outbox.put(("frame", "", 0, frame))
-
-    # -- writer ------------------------------------------------------------
-    def _write(self) -> None:
-        while True:
-            try:
-                if self.outbox.empty() and self.lagging:
-                    for job_id in list(self.lagging):
-                        self._catch_up(job_id)
-                        self.lagging.discard(job_id)
-                what, job_id, seq, frame = self.outbox.get()
-                if what == "close":
-                    return
-                if what == "frame":
-                    self.ws.send(frame)
-                elif what == "catchup":
-                    self._catch_up(job_id)
-                elif job_id in self.following:
-                    expected = self.following[job_id]
-                    if seq == expected:
-                        self._deliver(job_id, seq, frame)
-                    elif seq > expected:
-                        self._catch_up(job_id)
-            except ConnectionClosed:
-                return
-            except redis.RedisError as e:
-                # Read the log again once Redis answers; nothing is lost.
-                log.warning("catch-up of job %s failed: %s", job_id, e)
-                if job_id:
-                    self.lagging.add(job_id)
-                gevent.sleep(0.5)
-
-    def _catch_up(self, job_id: str) -> None:
-        after = self.following.get(job_id)
-        if after is None:
-            return
-        for seq, frame in self.events.read(job_id, after - 1):
-            if job_id not in self.following:
-                break
-            self._deliver(job_id, seq, frame)
-
-    def _deliver(self, job_id: str, seq: int, frame: str) -> None:
-        self.ws.send(frame)
-        metrics.FRAMES_SENT.inc()
-        self.following[job_id] = seq + 1
-        kind = frame_kind(frame)
-        if job_id in self.accepted_at and kind in ("token", *TERMINAL):
-            ttft_s = time.monotonic() - self.accepted_at.pop(job_id)
-            if kind == "token":
-                metrics.CLIENT_TTFT.observe(ttft_s)
-                self.jobs.record_client_ttft(job_id, ttft_s * 1000)
-        if kind == "done":
-            metrics.observe_done(frame)
-        if kind in TERMINAL:
-            del self.following[job_id]
-            metrics.FOLLOWED_JOBS.dec()
-            self.relay.unfollow(job_id, self)
-
 
 @sock.route("/ws", bp=bp)  # type: ignore[untyped-decorator]
 def websocket(ws: Any) -> None:
     """Serve one client socket (see the wire protocol in README.rst)."""
     front: FrontEnd = current_app.extensions["sluice"]
-    Connection(ws, settings=front.settings, auth=front.auth, intake=front.intake,
-               jobs=front.jobs, events=front.events, relay=front.relay,
-               key=g.sluice_key).serve()
+    # The relay must listen (for revocations) before any socket can be served.
+    front.relay.start()
+    try:
+        Connection(ws, settings=front.settings, auth=front.auth, intake=front.intake,
+                   jobs=front.jobs, events=front.events, relay=front.relay,
+                   frames=front.frames, sockets=front.sockets, key=g.sluice_key).serve()
+    except Exception:  # see the module docstring
+        log.exception("a socket failed; closing it")
+        try:
+            ws.close(reason=1011, message="internal error")
+        except Exception:  # noqa: BLE001 - flask-sock closes it again; nothing to add
+            pass

@@ -13,7 +13,7 @@ from the caller's clock: it picks a counter, never a limit.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import redis
 
@@ -102,29 +102,43 @@ return {verdict, math.ceil(wait_s * 1000), math.floor(tokens), math.floor(reques
 
 # Settle a job: refund reservation - usage (or charge the overage), release its
 # slot, count its usage, and delete the reservation, so a second call is a no-op.
+# (A Lua function, so that the final event's append can settle in the same
+# call: see tasks/events.py FINISH.)
+# reservation hash, bucket hash, slots zset, usage hash (today); job id;
+# prompt tokens used ('' = as counted at admission); completion tokens used;
+# usage TTL s.
+# Returns {reserved, charged, tokens_left}, or false when the job was settled
+# before or its reservation expired.
+SETTLE_FUNCTION = _LEVELS + """
+local function settle(rkey, bkey, skey, ukey, job_id, prompt_arg, completion_arg, usage_ttl)
+  local r = redis.call('HMGET', rkey, 'tokens', 'prompt', 'tcap', 'trate', 'rcap', 'rrate')
+  if not r[1] then return false end
+  local reserved = tonumber(r[1])
+  local tcap, trate = tonumber(r[3]), tonumber(r[4])
+  local rcap, rrate = tonumber(r[5]), tonumber(r[6])
+  local prompt = prompt_arg == '' and tonumber(r[2]) or tonumber(prompt_arg)
+  local completion = tonumber(completion_arg)
+  local now = now_us()
+  local tokens, requests = levels(bkey, now, tcap, trate, rcap, rrate)
+  -- An overage can take the bucket below zero: later requests wait it off.
+  tokens = math.min(tcap, tokens + reserved - prompt - completion)
+  store(bkey, now, tokens, requests, tcap, trate, rcap, rrate)
+  redis.call('ZREM', skey, job_id)
+  redis.call('HINCRBY', ukey, 'prompt_tokens', prompt)
+  redis.call('HINCRBY', ukey, 'completion_tokens', completion)
+  redis.call('EXPIRE', ukey, usage_ttl)
+  redis.call('DEL', rkey)
+  return {reserved, prompt + completion, math.floor(tokens)}
+end
+"""
+
+# Settle a job (see SETTLE_FUNCTION).
 # KEYS[1] reservation hash, KEYS[2] bucket hash, KEYS[3] slots zset, KEYS[4] usage hash (today)
 # ARGV[1] job id, ARGV[2] prompt tokens used ('' = as counted at admission),
 # ARGV[3] completion tokens used, ARGV[4] usage TTL s
-# Returns {reserved, charged, tokens_left}, or false when the job was settled
-# before or its reservation expired.
-SETTLE = _LEVELS + """
-local r = redis.call('HMGET', KEYS[1], 'tokens', 'prompt', 'tcap', 'trate', 'rcap', 'rrate')
-if not r[1] then return false end
-local reserved = tonumber(r[1])
-local tcap, trate, rcap, rrate = tonumber(r[3]), tonumber(r[4]), tonumber(r[5]), tonumber(r[6])
-local prompt = ARGV[2] == '' and tonumber(r[2]) or tonumber(ARGV[2])
-local completion = tonumber(ARGV[3])
-local now = now_us()
-local tokens, requests = levels(KEYS[2], now, tcap, trate, rcap, rrate)
--- An overage can take the bucket below zero: later requests wait it off.
-tokens = math.min(tcap, tokens + reserved - prompt - completion)
-store(KEYS[2], now, tokens, requests, tcap, trate, rcap, rrate)
-redis.call('ZREM', KEYS[3], ARGV[1])
-redis.call('HINCRBY', KEYS[4], 'prompt_tokens', prompt)
-redis.call('HINCRBY', KEYS[4], 'completion_tokens', completion)
-redis.call('EXPIRE', KEYS[4], ARGV[4])
-redis.call('DEL', KEYS[1])
-return {reserved, prompt + completion, math.floor(tokens)}
+# Returns {reserved, charged, tokens_left}, or false when already settled or expired.
+SETTLE = SETTLE_FUNCTION + """
+return settle(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[1], ARGV[2], ARGV[3], ARGV[4])
 """
 
 # Renew the slot of a job that is still running, so it outlives its deadline.
@@ -195,6 +209,39 @@ class DayUsage:
     completion_tokens: int = 0
 
 
+@dataclass(frozen=True)
+class Bill:
+    """What an ended job used, to settle its reservation with (once).
+
+    Example::
+
+        bill = Bill("k1", prompt_tokens=44, completion_tokens=120)
+        budget.settle(job_id, bill.prompt_tokens, bill.completion_tokens)
+    """
+
+    #: The API key that owns the job (and holds its reservation).
+    key_id: str
+    #: Prompt tokens the provider billed; ``None`` for the admission count.
+    prompt_tokens: int | None
+    completion_tokens: int
+    usage_ttl_s: int = USAGE_TTL_S
+
+    def __post_init__(self) -> None:
+        if (self.prompt_tokens or 0) < 0 or self.completion_tokens < 0:
+            raise ValueError(f"token counts must be >= 0, got {self.prompt_tokens}, "
+                             f"{self.completion_tokens}")
+
+    def keys(self, job_id: str) -> list[str]:
+        """The keys :data:`SETTLE_FUNCTION` takes, in order."""
+        return [keys.reservation(job_id), keys.bucket(self.key_id), keys.slots(self.key_id),
+                keys.usage(self.key_id, today())]
+
+    def args(self, job_id: str) -> list[str | int]:
+        """The arguments :data:`SETTLE_FUNCTION` takes after the keys, in order."""
+        return [job_id, "" if self.prompt_tokens is None else self.prompt_tokens,
+                self.completion_tokens, self.usage_ttl_s]
+
+
 class DuplicateReservationError(ValueError):
     """The job id already holds a reservation."""
 
@@ -258,28 +305,24 @@ class Budget:
             was never admitted, or its reservation expired.
         :raises ValueError: a negative token count.
         """
-        if (prompt_tokens or 0) < 0 or completion_tokens < 0:
-            raise ValueError(f"token counts must be >= 0, got {prompt_tokens}, "
-                             f"{completion_tokens}")
+        bill = Bill("", prompt_tokens, completion_tokens, self.usage_ttl_s)
         key_id = self._key_of(job_id)
         if key_id is None:
             return None
-        out = self._settle(
-            keys=[keys.reservation(job_id), keys.bucket(key_id), keys.slots(key_id),
-                  keys.usage(key_id, today())],
-            args=[job_id, "" if prompt_tokens is None else prompt_tokens, completion_tokens,
-                  self.usage_ttl_s])
+        bill = replace(bill, key_id=key_id)
+        out = self._settle(keys=bill.keys(job_id), args=bill.args(job_id))
         if out is None:
             return None
         reserved, charged, left = out
         return Settlement(key_id, int(reserved), int(charged), int(left))
 
-    def touch(self, job_id: str, slot_ttl_ms: int) -> bool:
+    def touch(self, job_id: str, slot_ttl_ms: int, key_id: str | None = None) -> bool:
         """Push a running job's slot deadline ``slot_ttl_ms`` into the future.
 
+        :param key_id: the key that owns the job, when the caller knows it (saves a read).
         :return: whether the job still holds a reservation.
         """
-        key_id = self._key_of(job_id)
+        key_id = key_id or self._key_of(job_id)
         if key_id is None:
             return False
         return bool(self._touch(keys=[keys.reservation(job_id), keys.slots(key_id)],

@@ -38,9 +38,14 @@ class Settings:
     event_ttl_s: int = 3600
     #: Upper bound of one generation; also the lease's hard stop.
     job_timeout_s: int = 600
-    lease_ttl_s: int = 10
-    #: Must exceed job_timeout_s: a message not acked within it is redelivered.
-    visibility_timeout_s: int = 3600
+    #: A job's lease runs out this long after its worker's last heartbeat (see
+    #: the properties below): a killed worker's jobs restart within ~1.2x this.
+    lease_ttl_s: int = 3
+    #: A message its worker has not acked within this is delivered again.  The
+    #: lease makes a copy of a running or ended job do nothing, so it need not
+    #: exceed job_timeout_s; it bounds how long a job taken by a worker killed
+    #: before it leased the job waits.
+    visibility_timeout_s: int = 300
     cancel_on_disconnect: bool = False
     worker_concurrency: int = 500
     provider_timeout_s: float = 60.0
@@ -77,15 +82,31 @@ class Settings:
     anonymous_tier: str = "free"
     #: A raw API key to register at start-up (``sluice run`` sets one for the demo).
     demo_key: str = ""
-    #: Workers publish Celery task events (what Flower shows tasks from).
-    task_events: bool = True
+    #: Workers publish Celery task events (what Flower shows tasks from). Off by
+    #: default: they cost each job three broker publishes and ~1 ms of worker CPU.
+    task_events: bool = False
     #: Accept Celery control commands that change workers (revoke, shutdown, pool
     #: resize…) from Flower or ``celery control``; off keeps Flower read-only.
     remote_control: bool = False
     #: Port of a worker process's Prometheus endpoint; 0 serves none.
     metrics_port: int = 0
+    #: Address Sluice's own servers listen on (web in the Procfile, Flower, worker
+    #: metrics); loopback unless told otherwise.
+    host: str = "127.0.0.1"
     #: Redis connections per process; greenlets beyond it wait for a free one.
     redis_max_connections: int = 64
+    #: Seconds a socket opened without a key has to send its ``auth`` frame.
+    auth_timeout_s: float = 5.0
+    #: Client frames per second one socket may send, and the burst it may save up.
+    socket_frames_per_s: float = 20.0
+    socket_frame_burst: int = 100
+    #: The same for all sockets of one API key together, on every front end.
+    key_frames_per_s: float = 500.0
+    key_frame_burst: int = 2000
+    #: Jobs one socket may follow at once.
+    max_follows_per_socket: int = 100
+    #: How long a front end goes without Redis before telling its clients to reconnect.
+    redis_lost_after_s: float = 2.0
 
     @property
     def model_names(self) -> tuple[str, ...]:
@@ -96,6 +117,21 @@ class Settings:
     def job_ttl_s(self) -> int:
         """How long an unfinished job's record, log and reservation may live."""
         return self.job_timeout_s + self.event_ttl_s
+
+    @property
+    def heartbeat_period_s(self) -> float:
+        """How often a worker process renews the leases of all its running jobs."""
+        return self.lease_ttl_s / 3
+
+    @property
+    def reaper_period_s(self) -> float:
+        """How often each worker process looks for jobs whose lease ran out."""
+        return self.lease_ttl_s / 6
+
+    @property
+    def claim_grace_s(self) -> float:
+        """How long a re-enqueued orphan waits to be claimed again if its re-run never starts."""
+        return self.lease_ttl_s * 3
 
     @property
     def slot_ttl_s(self) -> int:

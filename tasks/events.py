@@ -20,46 +20,81 @@ import redis
 from gevent.event import AsyncResult, Event
 
 from tasks import keys
+from tasks.budget import SETTLE_FUNCTION, Bill
 
 TERMINAL = frozenset({"done", "error"})
 
-# Append one event to a job's log and wake its listeners.
-# KEYS[1] job hash, KEYS[2] log stream, KEYS[3] wake channel, KEYS[4] lease,
-# KEYS[5] running zset
-# ARGV[1] frame text before the seq, ARGV[2] frame text after the seq,
-# ARGV[3] lease token ('' skips the check), ARGV[4] final status ('' unless the
-#   event ends the job), ARGV[5] TTL in seconds for a job that has ended,
-# ARGV[6] the seq the caller expects to get ('' skips the check).
+# Append one event to a job's log and wake its listeners (a Lua function, so
+# that FINISH can settle in the same call).
+# job hash, log stream, wake channel, lease; frame text before the seq, frame
+# text after the seq; lease token ('' skips the check); final status ('' unless
+# the event ends the job); TTL in seconds for a job that has ended; the seq the
+# caller expects to get ('' skips the check).
 # Returns {seq, cancel_requested}; {-1, 0} when the caller's lease is gone
 # (another attempt owns the job: the caller must stop writing); {-2, 0} when
 # the log is not where the caller expects it.  An append retried after its
 # reply was lost finds the log one past what it expects and returns that seq
-# again instead of appending twice.
-APPEND = """
-if ARGV[3] ~= '' and redis.call('GET', KEYS[4]) ~= ARGV[3] then
-  return {-1, 0}
+# again instead of appending twice.  An ended job stays in the running zset
+# until its attempt releases the lease, so the reaper finishes the job's
+# housekeeping (its chat session) if the worker dies in between.
+APPEND_FUNCTION = """
+local function append(job, log, wake, lease, head, tail, token, status, ttl, expect)
+  if token ~= '' and redis.call('GET', lease) ~= token then return {-1, 0} end
+  local seq = tonumber(redis.call('HGET', job, 'seq') or '0')
+  local cancel = redis.call('HGET', job, 'cancel') and 1 or 0
+  if expect ~= '' and seq ~= tonumber(expect) then
+    if seq == tonumber(expect) + 1 then return {seq - 1, cancel} end
+    return {-2, 0}
+  end
+  redis.call('HSET', job, 'seq', seq + 1)
+  local frame = head .. seq .. tail
+  redis.call('XADD', log, '0-' .. (seq + 1), 'f', frame)
+  redis.call('PUBLISH', wake, seq .. ' ' .. frame)
+  if status ~= '' then
+    local t = redis.call('TIME')
+    redis.call('HSET', job, 'status', status,
+               'finished_ms', t[1] * 1000 + math.floor(t[2] / 1000))
+    redis.call('EXPIRE', job, ttl)
+    redis.call('EXPIRE', log, ttl)
+  elseif seq == 0 then
+    redis.call('EXPIRE', log, redis.call('TTL', job))
+  end
+  return {seq, cancel}
 end
-local seq = tonumber(redis.call('HGET', KEYS[1], 'seq') or '0')
-local cancel = redis.call('HGET', KEYS[1], 'cancel') and 1 or 0
-if ARGV[6] ~= '' and seq ~= tonumber(ARGV[6]) then
-  if seq == tonumber(ARGV[6]) + 1 then return {seq - 1, cancel} end
-  return {-2, 0}
-end
-redis.call('HSET', KEYS[1], 'seq', seq + 1)
-local frame = ARGV[1] .. seq .. ARGV[2]
-redis.call('XADD', KEYS[2], '0-' .. (seq + 1), 'f', frame)
-redis.call('PUBLISH', KEYS[3], seq .. ' ' .. frame)
-if ARGV[4] ~= '' then
-  local t = redis.call('TIME')
-  redis.call('HSET', KEYS[1], 'status', ARGV[4],
-             'finished_ms', t[1] * 1000 + math.floor(t[2] / 1000))
-  redis.call('EXPIRE', KEYS[1], ARGV[5])
-  redis.call('EXPIRE', KEYS[2], ARGV[5])
-  redis.call('ZREM', KEYS[5], string.sub(KEYS[1], -32))
-elseif seq == 0 then
-  redis.call('EXPIRE', KEYS[2], redis.call('TTL', KEYS[1]))
-end
-return {seq, cancel}
+"""
+
+# Append one event (see APPEND_FUNCTION).
+# KEYS[1] job hash, KEYS[2] log stream, KEYS[3] wake channel, KEYS[4] lease
+# ARGV[1] frame text before the seq, ARGV[2] frame text after the seq,
+# ARGV[3] lease token, ARGV[4] final status, ARGV[5] TTL s once ended,
+# ARGV[6] expected seq.
+# Returns {seq, cancel_requested}, {-1, 0} or {-2, 0} (see APPEND_FUNCTION).
+APPEND = APPEND_FUNCTION + """
+return append(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[1], ARGV[2], ARGV[3], ARGV[4],
+              ARGV[5], ARGV[6])
+"""
+
+# Append the event that ends a job and settle the job's reservation, in one
+# call: no crash can come between the end of a job and its settlement, and a
+# retried call settles nothing twice (the reservation is gone).
+# KEYS[1..4] as APPEND; KEYS[5] reservation hash, KEYS[6] bucket hash,
+# KEYS[7] slots zset, KEYS[8] usage hash (today), all of the job's owner.
+# ARGV[1..6] as APPEND; ARGV[7] the owner's key id, ARGV[8] job id, ARGV[9]
+# prompt tokens used ('' = as counted at admission), ARGV[10] completion
+# tokens used, ARGV[11] usage TTL s.
+# Returns {seq, cancel_requested, settled}: settled is 1 if this call settled
+# the job, 0 if there was nothing to settle (settled before, or never
+# reserved), -1 if the reservation belongs to another key (left alone).
+# {-1, 0, 0} / {-2, 0, 0} as APPEND: nothing written, nothing settled.
+FINISH = APPEND_FUNCTION + SETTLE_FUNCTION + """
+local out = append(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[1], ARGV[2], ARGV[3], ARGV[4],
+                   ARGV[5], ARGV[6])
+if out[1] < 0 then return {out[1], 0, 0} end
+local owner = redis.call('HGET', KEYS[5], 'key_id')
+if not owner then return {out[1], out[2], 0} end
+if owner ~= ARGV[7] then return {out[1], out[2], -1} end
+settle(KEYS[5], KEYS[6], KEYS[7], KEYS[8], ARGV[8], ARGV[9], ARGV[10], ARGV[11])
+return {out[1], out[2], 1}
 """
 
 
@@ -77,6 +112,9 @@ class Appended:
 
     seq: int
     cancel_requested: bool
+    #: For an append that ended the job with a bill: 1 if it settled the job,
+    #: 0 if there was nothing to settle, -1 if the reservation is another key's.
+    settled: int | None = None
 
 
 class EventLog:
@@ -94,10 +132,11 @@ class EventLog:
         self.redis = client
         self.ttl_s = ttl_s
         self._append = client.register_script(APPEND)
+        self._finish = client.register_script(FINISH)
 
     def append(self, job_id: str, kind: str, body: dict[str, Any], *,
-               lease_token: str = "", status: str = "", expect_seq: int | None = None
-               ) -> Appended:
+               lease_token: str = "", status: str = "", expect_seq: int | None = None,
+               bill: Bill | None = None) -> Appended:
         """Append one event and publish its wake-up.
 
         :param kind: ``token``, ``restart``, ``done`` or ``error``.
@@ -106,31 +145,39 @@ class EventLog:
         :param status: the job's final status when this event ends the job.
         :param expect_seq: the seq this event must get; makes a retried append
             (after a lost reply) safe.
-        :return: the event's seq and whether a cancel was requested.
+        :param bill: with ``status``, settle the job's reservation with it in
+            the same Redis call (exactly once, see :data:`FINISH`).
+        :return: the event's seq, whether a cancel was requested, and whether it settled.
         :raises LeaseLostError: the lease is held by someone else.
         :raises LogMismatchError: the log is not at ``expect_seq``.
         """
-        keys_, args = self.call(job_id, kind, body, lease_token, status, expect_seq)
-        return self.reply(job_id, expect_seq, self._append(keys=keys_, args=args))
+        script, keys_, args = self.call(job_id, kind, body, lease_token, status, expect_seq,
+                                        bill)
+        return self.reply(job_id, expect_seq, script(keys=keys_, args=args))
 
     def call(self, job_id: str, kind: str, body: dict[str, Any], lease_token: str,
-             status: str, expect_seq: int | None) -> tuple[list[str], list[Any]]:
-        """The KEYS and ARGV of one append (see :meth:`append`)."""
+             status: str, expect_seq: int | None, bill: Bill | None = None
+             ) -> tuple[Any, list[str], list[Any]]:
+        """The script, KEYS and ARGV of one append (see :meth:`append`)."""
         head, tail = frame_parts(job_id, kind, body)
-        return ([keys.job(job_id), keys.log(job_id), keys.wake(job_id), keys.lease(job_id),
-                 keys.RUNNING],
-                [head, tail, lease_token, status, self.ttl_s,
-                 "" if expect_seq is None else expect_seq])
+        keys_ = [keys.job(job_id), keys.log(job_id), keys.wake(job_id), keys.lease(job_id)]
+        args = [head, tail, lease_token, status, self.ttl_s,
+                "" if expect_seq is None else expect_seq]
+        if bill is None:
+            return self._append, keys_, args
+        if not status:
+            raise ValueError(f"job {job_id}: only the event that ends a job settles it")
+        return self._finish, keys_ + bill.keys(job_id), [*args, bill.key_id, *bill.args(job_id)]
 
     @staticmethod
     def reply(job_id: str, expect_seq: int | None, raw: Any) -> Appended:
         """Interpret the append script's reply (see :meth:`append` for what it raises)."""
-        seq, cancel = raw
+        seq, cancel, *settled = raw
         if seq == -1:
             raise LeaseLostError(job_id)
         if seq == -2:
             raise LogMismatchError(f"job {job_id}: the log is not at seq {expect_seq}")
-        return Appended(int(seq), bool(cancel))
+        return Appended(int(seq), bool(cancel), int(settled[0]) if settled else None)
 
     def read(self, job_id: str, after: int = -1, count: int | None = None) -> list[tuple[int, str]]:
         """Return the events with ``seq > after`` as ``(seq, frame)`` pairs, in order."""
@@ -162,17 +209,19 @@ class AppendBatcher:
 
     def __init__(self, log: EventLog) -> None:
         self.log = log
-        self.queue: deque[tuple[str, int | None, list[str], list[Any], AsyncResult]] = deque()
+        self.queue: deque[tuple[str, int | None, Any, list[str], list[Any], AsyncResult]] = \
+            deque()
         self.wakeup = Event()
         self.sender: gevent.Greenlet | None = None
 
     def append(self, job_id: str, kind: str, body: dict[str, Any], *,
-               lease_token: str = "", status: str = "", expect_seq: int | None = None
-               ) -> Appended:
+               lease_token: str = "", status: str = "", expect_seq: int | None = None,
+               bill: Bill | None = None) -> Appended:
         """Like :meth:`EventLog.append`; raises what it raises, and ``redis.RedisError``."""
-        keys_, args = self.log.call(job_id, kind, body, lease_token, status, expect_seq)
+        script, keys_, args = self.log.call(job_id, kind, body, lease_token, status,
+                                            expect_seq, bill)
         result: AsyncResult = AsyncResult()
-        self.queue.append((job_id, expect_seq, keys_, args, result))
+        self.queue.append((job_id, expect_seq, script, keys_, args, result))
         self.wakeup.set()
         if self.sender is None or self.sender.dead:
             self.sender = gevent.spawn(self._send)
@@ -183,7 +232,6 @@ class AppendBatcher:
         return appended
 
     def _send(self) -> None:
-        script = self.log._append
         while True:
             if not self.queue:
                 self.wakeup.clear()
@@ -192,31 +240,34 @@ class AppendBatcher:
             batch = [self.queue.popleft()
                      for _ in range(min(len(self.queue), self.MAX_BATCH))]
             try:
-                replies = self._execute(script, batch)
+                replies = self._execute(batch)
             except Exception as e:  # noqa: BLE001 - every waiting writer must hear of it
                 failure = e if isinstance(e, redis.RedisError) else redis.RedisError(repr(e))
                 for *_, result in batch:
                     result.set_exception(failure)
                 continue
-            for (job_id, expect_seq, _, _, result), raw in zip(batch, replies, strict=True):
+            for (job_id, expect_seq, *_, result), raw in zip(batch, replies, strict=True):
                 try:
                     result.set(EventLog.reply(job_id, expect_seq, raw))
                 except (LeaseLostError, LogMismatchError) as e:
                     result.set_exception(e)
 
-    def _execute(self, script: Any, batch: list[Any]) -> list[Any]:
+    def _execute(self, batch: list[Any]) -> list[Any]:
         # EVALSHA directly: a pipeline running Script objects would first ask
         # SCRIPT EXISTS, one more round trip per batch.
         for attempt in range(2):
             pipe = self.log.redis.pipeline(transaction=False)
-            for _, _, keys_, args, _ in batch:
+            for _, _, script, keys_, args, _ in batch:
                 pipe.evalsha(script.sha, len(keys_), *keys_, *args)
             try:
                 return list(pipe.execute())
             except redis.exceptions.NoScriptError:
                 if attempt:
                     raise
-                self.log.redis.script_load(script.script)  # Redis restarted
+                # Redis restarted, or a script's first use: the batch runs
+                # again whole, which is safe because every append names its seq.
+                for script in {item[2] for item in batch}:
+                    self.log.redis.script_load(script.script)
         raise AssertionError("unreachable")
 
 

@@ -13,12 +13,16 @@ import redis
 from celery import Task, shared_task
 from gevent.event import Event
 
+from tasks.budget import Bill
 from tasks.events import Appended, LeaseLostError
-from tasks.jobs import FINAL, Job
+from tasks.jobs import Job
 from tasks.queue import TASK_NAME
 from tasks.runtime import Finish, ProviderError, Report, Runtime
 
 log = logging.getLogger(__name__)
+
+#: Leases renewed per Redis call, so that one call never blocks Redis for long.
+RENEW_BATCH = 200
 
 
 class AttemptAbandonedError(RuntimeError):
@@ -26,39 +30,66 @@ class AttemptAbandonedError(RuntimeError):
 
 
 @shared_task(name=TASK_NAME, bind=True, acks_late=True, reject_on_worker_lost=True,  # type: ignore[untyped-decorator]
-             ignore_result=True, max_retries=None)
+             ignore_result=True)
 def generate(self: Task, job_id: str) -> None:
     """Run job ``job_id``: stream the provider's answer into the job's event log.
 
-    Takes only the id, so brokers, logs and Flower never see prompts.  A copy
-    delivered while another attempt holds the job's lease retries later
-    instead of generating beside it.  If the attempt fails unexpectedly, its
-    lease is kept until it runs out, so the reaper re-runs the job.
+    Takes only the id, so brokers, logs and Flower never see prompts.  Any
+    number of copies of the message may arrive (a redelivery after a worker
+    died, the reaper's re-enqueue): a copy that finds the job ended, or leased
+    by a live attempt, does nothing (if that attempt dies, the reaper re-runs
+    the job).  If the attempt fails unexpectedly, its lease is kept until it
+    runs out, so the reaper re-runs the job.
     """
     rt: Runtime = self.app.sluice
-    job = rt.jobs.get(job_id)
-    if job is None:
-        log.warning("job %s expired before it ran", job_id)
-        return
-    if job.status in FINAL:
-        _start_next(rt, job)
-        return
     token = uuid.uuid4().hex
-    held = rt.jobs.take_lease(job_id, token, rt.settings.lease_ttl_s * 1000)
-    if held == 0:
-        raise self.retry(countdown=rt.settings.lease_ttl_s)
-    if held == 1:
-        ended = Attempt(rt, job, token).run()
+    start = rt.jobs.start(job_id, token, rt.settings.lease_ttl_s * 1000)
+    if start.outcome == "missing":
+        log.warning("job %s expired before it ran", job_id)
+    elif start.outcome == "held":
+        log.info("job %s runs in another attempt; this copy does nothing", job_id)
+    elif start.outcome == "ended":
+        # Only the session may need a hand: its worker may have died between
+        # the end and starting the next job (idempotent otherwise).
+        log.info("job %s has ended; this copy does nothing", job_id)
+        _start_next(rt, job_id, start.owner, start.session)
+    elif start.job is not None and Attempt(rt, start.job, token).run():
+        _start_next(rt, job_id, start.job.spec.owner, start.job.spec.session)
         rt.jobs.release_lease(job_id, token)
-        if not ended:
-            return  # another attempt owns the job now, and will end it
-    _start_next(rt, job)
+    # else another attempt owns the job now, and will end it
 
 
-def _start_next(rt: Runtime, job: Job) -> None:
+def _start_next(rt: Runtime, job_id: str, owner: str, session: str | None) -> None:
     """Start the next job of an ended job's chat session (idempotent)."""
-    if job.spec.session:
-        rt.dispatcher.start_next(job.spec.owner, job.spec.session, job.job_id)
+    if session:
+        rt.dispatcher.start_next(owner, session, job_id)
+
+
+def keep_leases(rt: Runtime) -> None:
+    """Renew the leases of all the process's attempts, in one Redis call per period; never returns.
+
+    An attempt whose lease is gone (it ran out while the process or Redis
+    stalled, and may now run elsewhere) is halted, and so is one whose cancel
+    was requested (a fallback for a missed cancel announcement).  Redis
+    errors are logged and the loop goes on: meanwhile each attempt's own
+    appends decide when to give up.
+    """
+    period_s = rt.settings.heartbeat_period_s
+    ttl_ms = rt.settings.lease_ttl_s * 1000
+    while True:
+        gevent.sleep(period_s)
+        attempts = list(rt.attempts.values())
+        try:
+            for i in range(0, len(attempts), RENEW_BATCH):
+                batch = attempts[i:i + RENEW_BATCH]
+                codes = rt.jobs.renew_leases([(a.job.job_id, a.token) for a in batch], ttl_ms)
+                for attempt, code in zip(batch, codes, strict=True):
+                    if code == 0:
+                        attempt.halt(lease_lost=True)
+                    elif code == 2:
+                        attempt.halt(cancelled=True)
+        except Exception as e:  # noqa: BLE001 - the loop must outlive any one failure
+            log.warning("renewing %d leases failed: %r", len(attempts), e)
 
 
 class Attempt:
@@ -87,75 +118,85 @@ class Attempt:
         self.finish: Finish | None = None
         self.error: ProviderError | None = None
         self.times: list[float] = []  # when each piece arrived
+        self.logged = 0  # pieces written to the log
 
     def run(self) -> bool:
-        """Generate, then log ``done`` or ``error``.
+        """Generate, then log ``done`` or ``error`` and settle the job in the same call.
+
+        While the attempt is registered in ``rt.attempts``, the process's
+        :func:`keep_leases` renews its lease.
 
         :return: True if this attempt ended the job, False if another took it over.
         :raises AttemptAbandonedError: Redis stayed unreachable for a lease period.
         """
         jid = self.job.job_id
-        now_ms = int(time.time() * 1000)
-        attempt, started_ms, self.next_seq = self.rt.jobs.mark_running(jid, now_ms)
+        self.next_seq = self.job.seq
+        self.rt.attempts[jid] = self
+        try:
+            return self._run()
+        except LeaseLostError:
+            log.warning("job %s: lease lost, another attempt owns it", jid)
+            self.rt.record(Report("lost", self.rt.provider.name))
+            return False
+        finally:
+            self.rt.attempts.pop(jid, None)
+
+    def _run(self) -> bool:
+        jid, attempt = self.job.job_id, self.job.attempts
         if self.next_seq > 0 or attempt > 1:
             self._emit("restart", {"attempt": attempt})
         if self.job.cancel_requested:
-            self._finish_cancelled()
-            self._settle(0, 0)
+            self._finish_cancelled(self._bill(0, 0))
             return True
-        t_start = time.monotonic()
-        heartbeat = gevent.spawn(self._heartbeat)
-        writer = gevent.spawn(self._write_tokens)
-        self.reader = gevent.spawn(self._read)
-        self.rt.attempts[jid] = self
+        # Admission set the slot to outlive one attempt; a job that waited in
+        # a queue, or runs again, gets a full term from now.
         try:
-            self.reader.join()
-        finally:
-            self.stop.set()
-            self.wakeup.set()
-            self.reader.kill()
-            writer.join()
-            heartbeat.kill()
-            self.rt.attempts.pop(jid, None)
+            self.rt.budget.touch(jid, self.rt.settings.slot_ttl_s * 1000, self.job.spec.owner)
+        except redis.RedisError as e:
+            log.warning("job %s: could not renew its concurrency slot: %s", jid, e)
+        t_start = time.monotonic()
+        if not self.stop.is_set():  # a cancel or a lost lease may have come already
+            writer = gevent.spawn(self._write_tokens)
+            self.reader = gevent.spawn(self._read)
+            try:
+                self.reader.join()
+            finally:
+                self.stop.set()
+                self.wakeup.set()
+                self.reader.kill()
+                writer.join()
         if self.abandoned:
             raise AttemptAbandonedError(f"job {jid}: Redis unreachable; left for a re-run")
-        try:
-            if not self.lease_lost:
-                self.rt.record(self._end(attempt, started_ms, t_start))
-                return True
-        except LeaseLostError:
-            pass
-        log.warning("job %s: lease lost, another attempt owns it", jid)
-        self.rt.record(Report("lost", self.rt.provider.name))
-        return False
+        if self.lease_lost:
+            raise LeaseLostError(jid)
+        self.rt.record(self._end(attempt, t_start))
+        return True
 
-    def _end(self, attempt: int, started_ms: int, t_start: float) -> Report:
+    def _end(self, attempt: int, t_start: float) -> Report:
         deployment = self.rt.provider.name
         finish, error, times = self.finish, self.error, self.times
         if not self.cancelled and error is None and finish is not None:
-            return self._finish_done(finish, attempt, started_ms, t_start, times, deployment)
-        if self.cancelled:
-            self._finish_cancelled()
-            report = Report("cancelled", deployment)
-        else:
-            error = error or ProviderError("provider_stream_broken", "the stream ended early")
-            self._emit("error", {"code": error.code, "message": error.message}, status="error")
-            report = Report("error", deployment, error_code=error.code)
+            return self._finish_done(finish, attempt, t_start, times, deployment)
         # Once the provider streamed, it billed the prompt (the admission count
-        # stands in for it); before that, everything is refunded.
-        if times:
-            self._settle(None, len(times))
-        else:
-            self._settle(0, 0)
-        return report
+        # stands in for it) and the key pays for the text it was sent; before
+        # that, everything is refunded.
+        bill = self._bill(None, self.logged) if times else self._bill(0, 0)
+        if self.cancelled:
+            self._finish_cancelled(bill)
+            return Report("cancelled", deployment)
+        error = error or ProviderError("provider_stream_broken", "the stream ended early")
+        self._emit("error", {"code": error.code, "message": error.message}, status="error",
+                   bill=bill)
+        return Report("error", deployment, error_code=error.code)
 
-    def _finish_done(self, finish: Finish, attempt: int, started_ms: int, t_start: float,
+    def _finish_done(self, finish: Finish, attempt: int, t_start: float,
                      times: list[float], deployment: str) -> Report:
         usage = finish.usage
         n = usage.completion_tokens if usage else len(times)
         first, last = (times[0], times[-1]) if times else (None, t_start)
         gaps = sorted(b - a for a, b in pairwise(times))
-        queue_wait_ms = max(0, started_ms - self.job.created_ms)
+        # Both instants are Redis time: the clamp only guards against Redis's clock stepping.
+        queue_wait_ms = max(0, (self.job.started_ms or self.job.created_ms) - self.job.created_ms)
         m: dict[str, Any] = {
             "queue_wait_ms": queue_wait_ms,
             "provider_ttft_ms": _ms(first - t_start) if first is not None else None,
@@ -173,8 +214,7 @@ class Attempt:
             "usage": {"prompt_tokens": usage.prompt_tokens if usage else None,
                       "completion_tokens": n},
             "metrics": m,
-        }, status="done")
-        self._settle(usage.prompt_tokens if usage else None, n)
+        }, status="done", bill=self._bill(usage.prompt_tokens if usage else None, n))
         return Report(
             "done", deployment, queue_wait_s=queue_wait_ms / 1000, e2e_s=m["e2e_ms"] / 1000,
             provider_ttft_s=first - t_start if first is not None else None,
@@ -215,10 +255,12 @@ class Attempt:
         # cannot miss a wake-up.
         while True:
             if self.pending:
+                pieces = len(self.pending)
                 text = "".join(self.pending)
                 self.pending.clear()
                 try:
                     appended = self._emit("token", {"text": text})
+                    self.logged += pieces
                 except LeaseLostError:
                     self.halt(lease_lost=True)
                     return
@@ -234,36 +276,19 @@ class Attempt:
                 self.wakeup.clear()
                 self.wakeup.wait()
 
-    def _heartbeat(self) -> None:
-        ttl_s = self.rt.settings.lease_ttl_s
-        slot_ms = self.rt.settings.slot_ttl_s * 1000
-        while not self.stop.is_set():
-            gevent.sleep(ttl_s / 3)
-            try:
-                held = self.rt.jobs.take_lease(self.job.job_id, self.token, ttl_s * 1000)
-                if held != 1:
-                    self.halt(lease_lost=True)
-                elif self.rt.jobs.cancel_requested(self.job.job_id):
-                    self.halt(cancelled=True)
-                self.rt.budget.touch(self.job.job_id, slot_ms)
-            except redis.RedisError as e:
-                # The writer decides when Redis has been gone too long.
-                log.warning("job %s: heartbeat failed: %s", self.job.job_id, e)
+    def _bill(self, prompt_tokens: int | None, completion_tokens: int) -> Bill:
+        return Bill(self.job.spec.owner, prompt_tokens, completion_tokens)
 
-    def _settle(self, prompt_tokens: int | None, completion_tokens: int) -> None:
-        # After the final event: a worker dying in between leaves the slot to
-        # expire and the reservation unrefunded (the safe side).
-        try:
-            self.rt.budget.settle(self.job.job_id, prompt_tokens, completion_tokens)
-        except redis.RedisError as e:
-            log.warning("job %s: could not settle its budget: %s", self.job.job_id, e)
-
-    def _finish_cancelled(self) -> None:
+    def _finish_cancelled(self, bill: Bill) -> None:
         self._emit("error", {"code": "cancelled", "message": "the job was cancelled"},
-                   status="cancelled")
+                   status="cancelled", bill=bill)
 
-    def _emit(self, kind: str, body: dict[str, Any], status: str = "") -> Appended:
+    def _emit(self, kind: str, body: dict[str, Any], status: str = "",
+              bill: Bill | None = None) -> Appended:
         """Append an event, retrying through Redis errors for up to one lease period.
+
+        By then the lease has run out (it was last renewed before the first
+        failure), so the job is the reaper's to re-run.
 
         :raises LeaseLostError: another attempt owns the job.
         :raises AttemptAbandonedError: Redis stayed unreachable.
@@ -273,7 +298,7 @@ class Attempt:
             try:
                 appended: Appended = self.rt.appender.append(
                     self.job.job_id, kind, body, lease_token=self.token, status=status,
-                    expect_seq=self.next_seq)
+                    expect_seq=self.next_seq, bill=bill)
             except redis.RedisError as e:
                 if time.monotonic() > deadline:
                     raise AttemptAbandonedError(str(e)) from e
@@ -281,6 +306,9 @@ class Attempt:
                 gevent.sleep(0.2)
                 continue
             self.next_seq = appended.seq + 1
+            if appended.settled == -1:  # a job's owner is the key that reserved it
+                log.error("job %s: its reservation belongs to another key; not settled",
+                          self.job.job_id)
             return appended
 
 

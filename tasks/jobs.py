@@ -6,7 +6,7 @@ import json
 import re
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import redis
 
@@ -16,21 +16,26 @@ JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 FINAL = frozenset({"done", "error", "cancelled"})
 
 # Create a job record and, for a chat session, queue it behind the session's
-# earlier jobs.
+# earlier jobs; put the job's broker message on the Celery queue when it may
+# start now, so that a submit is one call (no producer round trip of its own).
 # KEYS[1] job hash, KEYS[2] session list (a dummy key when there is no session),
-# KEYS[3] the Celery queue's list (for its depth; never written)
-# ARGV[1] TTL seconds, ARGV[2] session name ('' for none), ARGV[3..] field, value…
+# KEYS[3] the Celery queue's list (its depth; the message goes on it)
+# ARGV[1] TTL seconds, ARGV[2] session name ('' for none), ARGV[3] the broker
+# message ('' to enqueue it elsewhere), ARGV[4..] field, value…
 # Returns {session jobs ahead of this one (0 = may start now), jobs waiting in the queue}.
 CREATE = """
 local t = redis.call('TIME')
 redis.call('HSET', KEYS[1], 'created_ms', t[1] * 1000 + math.floor(t[2] / 1000),
-           'status', 'queued', unpack(ARGV, 3))
+           'status', 'queued', unpack(ARGV, 4))
 redis.call('EXPIRE', KEYS[1], ARGV[1])
 local waiting = redis.call('LLEN', KEYS[3])
-if ARGV[2] == '' then return {0, waiting} end
-local n = redis.call('RPUSH', KEYS[2], string.sub(KEYS[1], -32))
-redis.call('EXPIRE', KEYS[2], ARGV[1])
-return {n - 1, waiting}
+local ahead = 0
+if ARGV[2] ~= '' then
+  ahead = redis.call('RPUSH', KEYS[2], string.sub(KEYS[1], -32)) - 1
+  redis.call('EXPIRE', KEYS[2], ARGV[1])
+end
+if ahead == 0 and ARGV[3] ~= '' then redis.call('LPUSH', KEYS[3], ARGV[3]) end
+return {ahead, waiting}
 """
 
 # Take a finished job off the head of its session and name the next one,
@@ -60,22 +65,62 @@ redis.call('PUBLISH', KEYS[2], ARGV[1])
 return 1
 """
 
-# Take the lease of a job, or renew it if we already hold it, and record
-# when it runs out in the running set.  A job that has ended is not leased.
-# KEYS[1] lease, KEYS[2] running zset, KEYS[3] job hash.
-# ARGV[1] token, ARGV[2] TTL ms, ARGV[3] job id.
-# Returns 1 if held by us now, 0 if another attempt holds it, -1 if the job has ended.
-LEASE = """
-local status = redis.call('HGET', KEYS[3], 'status')
-if status == 'done' or status == 'error' or status == 'cancelled' then return -1 end
-local cur = redis.call('GET', KEYS[1])
-if cur == false or cur == ARGV[1] then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  local t = redis.call('TIME')
-  redis.call('ZADD', KEYS[2], t[1] * 1000 + math.floor(t[2] / 1000) + ARGV[2], ARGV[3])
-  return 1
+# Start an attempt at a job: take its lease (unless another attempt holds it
+# or the job has ended), record that it runs, and return its record, all in
+# one round trip.  The deadline in the running zset is what the reaper
+# watches.  A call retried after a lost reply (the lease is already ours)
+# returns the record without counting a second attempt.
+# KEYS[1] job hash, KEYS[2] lease, KEYS[3] running zset.
+# ARGV[1] token, ARGV[2] lease TTL ms, ARGV[3] job id.
+# Returns {1, field, value, ...} (the record, attempts and started_ms updated)
+# when the lease is ours; {0} when another attempt holds it; {-1, owner,
+# session} when the job has ended; {-2} when it does not exist.
+START = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {-2} end
+local status = redis.call('HGET', KEYS[1], 'status')
+if status == 'done' or status == 'error' or status == 'cancelled' then
+  local f = redis.call('HMGET', KEYS[1], 'owner', 'session')
+  return {-1, f[1] or '', f[2] or ''}
 end
-return 0
+local cur = redis.call('GET', KEYS[2])
+if cur and cur ~= ARGV[1] then return {0} end
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
+redis.call('ZADD', KEYS[3], now + ARGV[2], ARGV[3])
+if not cur then
+  redis.call('HSET', KEYS[1], 'status', 'running')
+  redis.call('HSETNX', KEYS[1], 'started_ms', now)
+  redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+end
+local out = redis.call('HGETALL', KEYS[1])
+table.insert(out, 1, 1)
+return out
+"""
+
+# Renew the leases of a worker process's running jobs, each only if it is
+# still held by the same attempt: a lease that ran out is never taken back
+# (the job may already run elsewhere).  Also reports requested cancels, for a
+# cancel whose announcement the worker missed.
+# KEYS[1] running zset, then per job: lease, job hash.
+# ARGV[1] lease TTL ms, then per job: job id, token.
+# Returns one code per job: 1 renewed, 2 renewed and a cancel was requested,
+# 0 the lease is lost (the attempt must stop).
+RENEW = """
+local t = redis.call('TIME')
+local deadline = t[1] * 1000 + math.floor(t[2] / 1000) + ARGV[1]
+local out = {}
+for i = 2, #KEYS, 2 do
+  local id, token = ARGV[i], ARGV[i + 1]
+  if redis.call('GET', KEYS[i]) == token then
+    redis.call('PEXPIRE', KEYS[i], ARGV[1])
+    redis.call('ZADD', KEYS[1], deadline, id)
+    out[#out + 1] = redis.call('HEXISTS', KEYS[i + 1], 'cancel') + 1
+  else
+    out[#out + 1] = 0
+  end
+end
+return out
 """
 
 # Give the lease back, only if we hold it.
@@ -131,6 +176,21 @@ class Job:
     cancel_requested: bool
 
 
+@dataclass(frozen=True)
+class Start:
+    """What :meth:`JobStore.start` found.
+
+    ``outcome`` is ``started`` (``job`` is the record, this attempt holds the
+    lease), ``held`` (another attempt holds it), ``ended`` (``owner`` and
+    ``session`` say which session to advance) or ``missing``.
+    """
+
+    outcome: Literal["started", "held", "ended", "missing"]
+    job: Job | None = None
+    owner: str = ""
+    session: str = ""
+
+
 class JobStore:
     """Creates, reads and orders jobs.
 
@@ -145,14 +205,19 @@ class JobStore:
         self.ttl_s = ttl_s
         self._create = client.register_script(CREATE)
         self._advance = client.register_script(ADVANCE)
-        self._lease = client.register_script(LEASE)
+        self._start = client.register_script(START)
+        self._renew = client.register_script(RENEW)
         self._release = client.register_script(RELEASE)
         self._cancel = client.register_script(CANCEL)
         self._claim = client.register_script(CLAIM_ORPHANS)
 
-    def create(self, spec: JobSpec, job_id: str | None = None) -> tuple[str, int]:
+    def create(self, spec: JobSpec, job_id: str | None = None, message: str = ""
+               ) -> tuple[str, int]:
         """Store a new job, under ``job_id`` when given (admission chose it).
 
+        :param message: the job's broker message (see :class:`tasks.queue.TaskMessages`),
+            pushed onto ``spec.queue`` in the same call when the job may start now
+            (no session, or the session's first); empty: the caller enqueues.
         :return: the job id and its position: how many of its session's jobs run
             before it, or for a job without a session, how many jobs wait in its queue.
         """
@@ -171,26 +236,12 @@ class JobStore:
         flat = [x for kv in fields.items() for x in kv]
         session_key = keys.session(spec.owner, spec.session) if spec.session else keys.job(job_id)
         ahead, waiting = self._create(keys=[keys.job(job_id), session_key, spec.queue],
-                                      args=[self.ttl_s, spec.session or "", *flat])
+                                      args=[self.ttl_s, spec.session or "", message, *flat])
         return job_id, int(ahead if spec.session else waiting)
 
     def get(self, job_id: str) -> Job | None:
         """Read a job's record, or ``None`` when it does not exist or has expired."""
-        raw = {_text(k): _text(v) for k, v in self.redis.hgetall(keys.job(job_id)).items()}
-        if "model" not in raw:
-            return None
-        spec = JobSpec(
-            model=raw["model"], messages=json.loads(raw["messages"]),
-            max_tokens=int(raw["max_tokens"]),
-            temperature=float(raw["temperature"]) if "temperature" in raw else None,
-            seed=int(raw["seed"]) if "seed" in raw else None,
-            session=raw.get("session"), owner=raw.get("owner", "anonymous"),
-            queue=raw.get("queue", "sluice"))
-        return Job(job_id=job_id, spec=spec, status=raw["status"],
-                   created_ms=int(raw["created_ms"]),
-                   started_ms=int(raw["started_ms"]) if "started_ms" in raw else None,
-                   seq=int(raw.get("seq", 0)), attempts=int(raw.get("attempts", 0)),
-                   cancel_requested="cancel" in raw)
+        return _job(job_id, self.redis.hgetall(keys.job(job_id)))
 
     def progress(self, job_id: str) -> tuple[str | None, str | None, int]:
         """A job's owner, status and number of events so far (``None``s when it does not exist)."""
@@ -213,20 +264,6 @@ class JobStore:
         value = self.redis.hget(keys.job(job_id), "status")
         return _text(value) if value is not None else None
 
-    def mark_running(self, job_id: str, now_ms: int) -> tuple[int, int, int]:
-        """Record the start of an attempt (call it holding the lease).
-
-        :return: the attempt number (1 = first), when the first attempt started,
-            and the number of events logged so far.
-        """
-        pipe = self.redis.pipeline()
-        pipe.hset(keys.job(job_id), "status", "running")
-        pipe.hsetnx(keys.job(job_id), "started_ms", now_ms)
-        pipe.hincrby(keys.job(job_id), "attempts", 1)
-        pipe.hmget(keys.job(job_id), ["started_ms", "seq"])
-        _, _, attempt, (started, seq) = pipe.execute()
-        return int(attempt), int(started), int(seq or 0)
-
     def record_client_ttft(self, job_id: str, ms: float) -> None:
         """Record when the submitting client got its first token (ms after acceptance)."""
         self.redis.hsetnx(keys.job(job_id), "client_ttft_ms", round(ms, 3))
@@ -236,21 +273,39 @@ class JobStore:
         value = self.redis.hget(keys.job(job_id), "client_ttft_ms")
         return float(value) if value is not None else None
 
-    def cancel_requested(self, job_id: str) -> bool:
-        """Whether a cancel was requested for the job."""
-        return bool(self.redis.hexists(keys.job(job_id), "cancel"))
-
     def request_cancel(self, job_id: str) -> bool:
         """Flag a job for cancellation; return whether the job exists."""
         return bool(self._cancel(keys=[keys.job(job_id), keys.CANCELS], args=[job_id]))
 
-    def take_lease(self, job_id: str, token: str, ttl_ms: int) -> int:
-        """Take or renew the generation lease.
+    def start(self, job_id: str, token: str, ttl_ms: int) -> Start:
+        """Start an attempt: take the job's lease for ``ttl_ms`` and mark the job running.
 
-        :return: 1 if ``token`` holds it, 0 if another attempt does, -1 if the job ended.
+        Counts the attempt and, on the first, records ``started_ms`` (Redis
+        time, like ``created_ms``).  Nothing changes unless the lease is taken.
         """
-        return int(self._lease(keys=[keys.lease(job_id), keys.RUNNING, keys.job(job_id)],
-                               args=[token, ttl_ms, job_id]))
+        raw = self._start(keys=[keys.job(job_id), keys.lease(job_id), keys.RUNNING],
+                          args=[token, ttl_ms, job_id])
+        code = int(raw[0])
+        if code == 1:
+            job = _job(job_id, dict(zip(raw[1::2], raw[2::2], strict=True)))
+            assert job is not None, "a started job has a record"
+            return Start("started", job)
+        if code == -1:
+            return Start("ended", owner=_text(raw[1]), session=_text(raw[2]))
+        return Start("held" if code == 0 else "missing")
+
+    def renew_leases(self, held: list[tuple[str, str]], ttl_ms: int) -> list[int]:
+        """Renew many leases in one call; each only while its token still holds it.
+
+        :param held: ``(job id, lease token)`` pairs.
+        :return: per pair, 1 renewed, 2 renewed and a cancel was requested, 0 lost.
+        """
+        if not held:
+            return []
+        job_keys = [k for job_id, _ in held for k in (keys.lease(job_id), keys.job(job_id))]
+        args = [x for pair in held for x in pair]
+        return [int(code) for code in self._renew(keys=[keys.RUNNING, *job_keys],
+                                                  args=[ttl_ms, *args])]
 
     def release_lease(self, job_id: str, token: str) -> None:
         """Give the lease back if ``token`` holds it."""
@@ -268,6 +323,24 @@ class JobStore:
         """Pop a finished job off its session; return the next job to start, if any."""
         nxt = self._advance(keys=[keys.session(owner, session)], args=[job_id, keys.job("")])
         return nxt.decode() if nxt else None
+
+
+def _job(job_id: str, record: dict[bytes, bytes] | dict[Any, Any]) -> Job | None:
+    raw = {_text(k): _text(v) for k, v in record.items()}
+    if "model" not in raw:
+        return None
+    spec = JobSpec(
+        model=raw["model"], messages=json.loads(raw["messages"]),
+        max_tokens=int(raw["max_tokens"]),
+        temperature=float(raw["temperature"]) if "temperature" in raw else None,
+        seed=int(raw["seed"]) if "seed" in raw else None,
+        session=raw.get("session"), owner=raw.get("owner", "anonymous"),
+        queue=raw.get("queue", "sluice"))
+    return Job(job_id=job_id, spec=spec, status=raw["status"],
+               created_ms=int(raw["created_ms"]),
+               started_ms=int(raw["started_ms"]) if "started_ms" in raw else None,
+               seq=int(raw.get("seq", 0)), attempts=int(raw.get("attempts", 0)),
+               cancel_requested="cancel" in raw)
 
 
 def _text(value: bytes | str) -> str:

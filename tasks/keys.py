@@ -15,6 +15,7 @@ sluice:session:{key}:{s}      list      job ids of a key's chat session, head = 
 sluice:running                zset      job id -> lease deadline (ms) of running jobs
 sluice:cancels                channel   ids of jobs whose cancel was just requested
 sluice:relay:{uuid}           channel   a front end's own channel; keeps its pub/sub alive
+sluice:revoked                channel   ids of API keys just revoked; front ends close their sockets
 ============================  ========  ==============================================
 
 Admission control (API keys, token buckets, usage).  API keys live until
@@ -29,6 +30,7 @@ sluice:apikey:{kid}           hash      sha256 of the key, tier, name, created_m
 sluice:apikeys                zset      key id -> created ms, for listing
 sluice:bucket:{kid}           hash      token and request levels, last refill (µs)
 sluice:slots:{kid}            zset      job id -> slot deadline (ms) of admitted jobs
+sluice:frames:{kid}           hash      the key's client-frame bucket: level, last refill (µs)
 sluice:job:{id}:reservation   hash      key id, tokens reserved, bucket figures
 sluice:usage:{kid}:{day}      hash      requests, rejected, prompt/completion tokens
 ============================  ========  ==============================================
@@ -101,6 +103,8 @@ RUNNING = f"{PREFIX}running"
 #: Workers listen here to stop a cancelled generation at once, wherever it waits.
 CANCELS = f"{PREFIX}cancels"
 
+#: Every front end listens here to close the sockets of a key the moment it is revoked.
+REVOKED = f"{PREFIX}revoked"
 
 
 def relay_channel(process_id: str) -> str:
@@ -136,6 +140,11 @@ def bucket(key_id: str) -> str:
 def slots(key_id: str) -> str:
     """The concurrency slots held by an API key's admitted, unsettled jobs."""
     return f"{PREFIX}slots:{key_id}"
+
+
+def frames(key_id: str) -> str:
+    """The bucket of client frames all sockets of an API key draw from."""
+    return f"{PREFIX}frames:{key_id}"
 
 
 def reservation(job_id: str) -> str:

@@ -13,7 +13,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from tasks.budget import Budget
+from tasks.budget import Bill, Budget
 from tasks.config import Settings
 from tasks.events import Appended
 from tasks.jobs import JobStore
@@ -67,8 +67,8 @@ class Appender(Protocol):
     """Appends events to job logs (see :meth:`tasks.events.EventLog.append`)."""
 
     def append(self, job_id: str, kind: str, body: dict[str, Any], *,
-               lease_token: str = "", status: str = "", expect_seq: int | None = None
-               ) -> Appended:
+               lease_token: str = "", status: str = "", expect_seq: int | None = None,
+               bill: Bill | None = None) -> Appended:
         """Append one event; raises what :meth:`tasks.events.EventLog.append` raises."""
 
 

@@ -145,6 +145,16 @@ max_prompt_tokens = 100
 max_output_tokens = 64
 default_output_tokens = 16
 
+# Exact billing checks: one request per key and minute, so the request level
+# a settle leaves says how long after the reserve it came.
+[tiers.ledger]
+tokens_per_minute = 120
+requests_per_minute = 1
+max_concurrent_jobs = 1
+max_prompt_tokens = 40
+max_output_tokens = 64
+default_output_tokens = 16
+
 # Bulk and batch items: 5 at once and 20,000 tokens/min, all of it for batches.
 # (Tiers are the same in every process: the pump on any worker admits with them.)
 [tiers.bulk5]
@@ -207,7 +217,14 @@ def start_worker(start_proc: Callable[..., Proc], env: dict[str, str], name: str
 def start_web(start_proc: Callable[..., Proc], env: dict[str, str]) -> str:
     """Start one gunicorn front-end process; return its ws:// URL."""
     port = free_port()
-    proc = start_proc("web", [str(BIN / "gunicorn"), "-k", "gevent", "-w", "1",
+    start_web_on(start_proc, env, port)
+    return f"ws://127.0.0.1:{port}/ws"
+
+
+def start_web_on(start_proc: Callable[..., Proc], env: dict[str, str], port: int) -> Proc:
+    """Start one gunicorn front end on ``port`` and wait until it answers."""
+    proc = start_proc("web", [str(BIN / "gunicorn"), "-c", "python:app.gunicorn_conf",
+                              "-k", "gevent", "-w", "1",
                               "-b", f"127.0.0.1:{port}", "--log-level", "warning",
                               "app:create_app()"], env)
 
@@ -220,7 +237,7 @@ def start_web(start_proc: Callable[..., Proc], env: dict[str, str]) -> str:
         except OSError:
             return False
     wait_for(healthy, 30, "the front end to answer /healthz")
-    return f"ws://127.0.0.1:{port}/ws"
+    return proc
 
 
 @pytest.fixture(scope="session")

@@ -30,7 +30,7 @@ from selenium.webdriver.remote.webdriver import WebDriver
 from app.apikeys import KeyStore
 from app.cli.dev.mockllm import MockConfig, expected_text
 from app.cli.dev.redis_server import free_port
-from tests.conftest import BIN, MOCK, Proc, start_mock, start_worker, wait_for
+from tests.conftest import MOCK, Proc, start_mock, start_web_on, start_worker, wait_for
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
@@ -85,24 +85,6 @@ def firefox() -> Iterator[WebDriver]:
 def http_base(ws_url: str) -> str:
     """``ws://host:port/ws`` -> ``http://host:port``."""
     return "http" + ws_url.removeprefix("ws").removesuffix("/ws")
-
-
-def start_web_on(start_proc: Callable[..., Proc], env: dict[str, str], port: int) -> Proc:
-    """Start one gunicorn front end on ``port`` and wait until it answers."""
-    proc = start_proc("web", [str(BIN / "gunicorn"), "-k", "gevent", "-w", "1",
-                              "-b", f"127.0.0.1:{port}", "--log-level", "warning",
-                              "app:create_app()"], env)
-
-    def healthy() -> bool:
-        if proc.popen.poll() is not None:
-            raise AssertionError(f"web exited:\n{proc.log()}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1):
-                return True
-        except OSError:
-            return False
-    wait_for(healthy, 30, "the front end to answer /healthz")
-    return proc
 
 
 @pytest.fixture(scope="module")

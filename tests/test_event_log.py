@@ -42,8 +42,8 @@ def test_retried_append_is_logged_once(store: JobStore, log: EventLog) -> None:
 def test_append_without_the_lease_is_refused(store: JobStore, log: EventLog) -> None:
     """Only the lease holder may write; a stale attempt is fenced off."""
     job_id = _job(store)
-    assert store.take_lease(job_id, "attempt-1", 10_000) == 1
-    assert store.take_lease(job_id, "attempt-2", 10_000) == 0
+    assert store.start(job_id, "attempt-1", 10_000).outcome == "started"
+    assert store.start(job_id, "attempt-2", 10_000).outcome == "held"
     log.append(job_id, "token", {"text": "x"}, lease_token="attempt-1")
     with pytest.raises(LeaseLostError):
         log.append(job_id, "token", {"text": "y"}, lease_token="attempt-2")
@@ -52,10 +52,10 @@ def test_append_without_the_lease_is_refused(store: JobStore, log: EventLog) -> 
 def test_ended_job_cannot_be_leased_again(store: JobStore, log: EventLog) -> None:
     """A redelivered copy arriving after the end does not start a second generation."""
     job_id = _job(store)
-    assert store.take_lease(job_id, "a", 10_000) == 1
+    assert store.start(job_id, "a", 10_000).outcome == "started"
     log.append(job_id, "done", {}, lease_token="a", status="done")
     store.release_lease(job_id, "a")
-    assert store.take_lease(job_id, "b", 10_000) == -1
+    assert store.start(job_id, "b", 10_000).outcome == "ended"
 
 
 def test_sessions_are_per_key(store: JobStore) -> None:

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import functools
+import logging
+import time
 from functools import cached_property
+from typing import Any
 
+import redis
 from celery import Celery
 from celery.signals import worker_ready
+from celery.worker.consumer import Consumer as CeleryConsumer
 
 from tasks.budget import Budget
 from tasks.config import Settings
@@ -14,8 +20,12 @@ from tasks.generate import Attempt
 from tasks.jobs import JobStore
 from tasks.queue import Dispatcher, make_celery
 from tasks.runtime import Report
+from tasks.warmup import load_scripts
 from workers import metrics
+from workers.broker import keep_control_alive, share_redis_clients
 from workers.provider import Provider
+
+log = logging.getLogger(__name__)
 
 
 class WorkerRuntime:
@@ -42,6 +52,21 @@ class WorkerRuntime:
         """The model provider client."""
         return Provider(self.settings)
 
+    def warm(self) -> None:
+        """Connect to Redis, load its scripts, build the provider and call it once per pool.
+
+        Done at start, so this process's first job does not pay for it; best
+        effort: whatever fails is left for the jobs to report.
+        """
+        try:
+            load_scripts(self.redis, self.jobs, self.events, self.budget)
+        except redis.RedisError as e:
+            log.warning("warm-up: Redis unreachable (%s)", e)
+        try:
+            self.provider.warm()
+        except Exception:  # a warm-up must not stop the worker
+            log.exception("warm-up: could not build the provider client")
+
     def record(self, report: Report) -> None:
         """Count an attempt's outcome in this process's metrics."""
         metrics.record(report)
@@ -59,6 +84,8 @@ def create_celery(settings: Settings | None = None) -> Celery:
         Dispatcher(app, jobs, events, budget).enqueue(job_id, "sluice")
     """
     settings = settings or Settings.from_env()
+    share_redis_clients()
+    keep_control_alive()
     app = make_celery(
         settings,
         include=["tasks.generate"],
@@ -78,11 +105,50 @@ def create_celery(settings: Settings | None = None) -> Celery:
         worker_soft_shutdown_timeout=float(settings.job_timeout_s),
         worker_enable_soft_shutdown_on_idle=False,
         worker_send_task_events=settings.task_events,
+        # When Redis is lost, keep trying to get it back (never exit), every
+        # second or two rather than kombu's back-off of up to 30 s.
+        worker_consumer="workers.celery_app:Consumer",
+        broker_connection_max_retries=None,
     )
+    repair_gevent_patching()
     app.sluice = WorkerRuntime(settings, app)
     if not settings.remote_control:
         make_control_read_only()
     return app
+
+
+class Consumer(CeleryConsumer):  # type: ignore[misc]
+    """Celery's consumer, reconnecting to a broker that came back within about 2 s.
+
+    Celery asks kombu to retry with its default back-off (2, 4, 6 … up to
+    30 s between tries), so after an outage of a minute the worker would
+    take jobs again only up to 30 s after Redis returned.
+    """
+
+    def ensure_connected(self, conn: Any) -> Any:
+        conn.ensure_connection = functools.partial(
+            conn.ensure_connection, interval_start=0.5, interval_step=0.5, interval_max=2)
+        return super().ensure_connected(conn)
+
+
+def repair_gevent_patching() -> None:
+    """Give kombu the cooperative ``sleep`` that gevent's patching missed.
+
+    ``celery worker -P gevent`` patches the standard library after importing
+    celery, and the patching itself (it walks existing objects, among them
+    celery's lazy proxies) imports ``kombu.utils.functional`` before ``time``
+    is patched.  kombu then sleeps with the blocking ``time.sleep``, and each
+    pause of the broker reconnect back-off froze the whole worker process —
+    its streams, lease renewals and reaper — for seconds at a time.
+    """
+    from gevent import monkey
+
+    if not monkey.is_module_patched("time"):
+        return
+    from kombu.utils import functional
+
+    if functional.sleep is monkey.get_original("time", "sleep"):  # type: ignore[attr-defined]
+        functional.sleep = time.sleep  # type: ignore[attr-defined]  # gevent's, now
 
 
 #: Control commands that change a worker; inspect commands (what Flower lists
@@ -109,9 +175,12 @@ def make_control_read_only() -> None:
 def _start_housekeeping(sender: object, **_: object) -> None:
     import gevent
 
+    from tasks.generate import keep_leases
     from workers.reaper import listen_for_cancels, reap_forever
 
     rt: WorkerRuntime = sender.app.sluice  # type: ignore[attr-defined]
+    rt.warm()
     metrics.serve(rt.settings.metrics_port, lambda: len(rt.attempts))
+    gevent.spawn(keep_leases, rt)
     gevent.spawn(reap_forever, rt)
     gevent.spawn(listen_for_cancels, rt)

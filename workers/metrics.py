@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
+from tasks.config import Settings
 from tasks.runtime import Report
 
 log = logging.getLogger(__name__)
@@ -58,12 +59,15 @@ def record(report: Report) -> None:
         TOKENS.labels("in").inc(report.prompt_tokens)
 
 
-def serve(port: int, in_flight: Callable[[], int]) -> None:
-    """Expose this process's metrics on ``port`` (0 disables).
+def serve(port: int, in_flight: Callable[[], int], host: str | None = None) -> None:
+    """Expose this process's metrics on ``host:port`` (port 0 disables).
 
     :param in_flight: how many generations the process is running now.
+    :param host: the address to listen on; ``None`` reads ``SLUICE_HOST``
+        (:attr:`Settings.host`, loopback by default).
     """
     IN_FLIGHT.set_function(in_flight)
     if port:
-        start_http_server(port, addr="0.0.0.0")
-        log.info("worker metrics on :%d/metrics", port)
+        addr = host if host is not None else Settings.from_env().host
+        start_http_server(port, addr=addr)
+        log.info("worker metrics on %s:%d/metrics", addr, port)

@@ -1,20 +1,31 @@
 """Worker housekeeping: re-enqueue jobs whose worker died, and stop cancelled ones at once.
 
-A dead worker's jobs: their lease ran out without being released.
+A dead worker's jobs: their lease ran out without being released.  Every
+worker process renews the leases of its running jobs every third of a lease
+(:func:`tasks.generate.keep_leases`) and runs a reaper that looks for leases
+that ran out every sixth of a lease; a Lua claim makes sure each orphan is
+re-enqueued by one reaper only.  With the default 3 s lease, a killed
+worker's jobs restart about 3 s after the kill (README, "Reliability").
 
-Celery's Redis transport also redelivers unacked messages, but only after the
-visibility timeout, which must exceed the longest job.  The lease notices a
-dead worker within ``lease_ttl_s``; every worker process runs a reaper, and a
-Lua claim makes sure each orphan is re-enqueued by one of them.
+Celery's Redis transport keeps a message that a worker took but never acked
+(it died) in its unacked hash, to be delivered again after the visibility
+timeout; by then the reaper has re-run the job (or it has ended), and the
+late copy does nothing.  It matters for a worker killed between taking a
+message and leasing its job: nothing else would run that job.  kombu looks
+for such messages only when a consumer's poll comes back empty, which a
+gevent worker's never does (its BRPOP always answers first), so the reaper
+asks for the sweep itself (:func:`restore_unacked`).
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from typing import TYPE_CHECKING
 
 import gevent
 import redis
+from kombu.exceptions import OperationalError
 
 from tasks import keys
 from tasks.jobs import FINAL
@@ -25,30 +36,67 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: How often a worker process samples the depth of its queue for metrics.
+QUEUE_DEPTH_PERIOD_S = 5.0
+#: How often, at most, a worker process looks for messages unacked past the visibility timeout.
+RESTORE_PERIOD_S = 10.0
+#: Messages put back per sweep.
+RESTORE_BATCH = 100
+
 
 def reap_forever(rt: WorkerRuntime) -> None:
-    """Every half lease, re-enqueue the jobs whose lease ran out and sample the queue depth."""
-    period_s = rt.settings.lease_ttl_s / 2
+    """Re-enqueue the jobs whose lease ran out, every ``reaper_period_s``; never returns.
+
+    Also samples the queue depth and, now and then, puts back on their queues
+    the messages left unacked past the visibility timeout.
+    """
+    restore_period_s = min(RESTORE_PERIOD_S, rt.settings.visibility_timeout_s / 2)
+    next_sample = next_restore = 0.0
     while True:
-        gevent.sleep(period_s)
+        gevent.sleep(rt.settings.reaper_period_s)
         try:
             reap_once(rt)
-            metrics.QUEUE_DEPTH.labels(rt.settings.queue).set(rt.redis.llen(rt.settings.queue))
-        except Exception:  # Redis or broker trouble must not end the loop
+            if time.monotonic() >= next_sample:
+                next_sample = time.monotonic() + QUEUE_DEPTH_PERIOD_S
+                metrics.QUEUE_DEPTH.labels(rt.settings.queue).set(
+                    rt.redis.llen(rt.settings.queue))
+            if time.monotonic() >= next_restore:
+                next_restore = time.monotonic() + restore_period_s
+                restore_unacked(rt)
+        except (redis.RedisError, OperationalError) as e:  # an outage: say so, briefly
+            log.warning("reaper: Redis unreachable, trying again: %s", e)
+        except Exception:  # nothing must end the loop
             log.exception("reaper: this round failed; trying again")
 
 
 def reap_once(rt: WorkerRuntime) -> list[str]:
-    """Claim and re-enqueue orphaned jobs; return their ids."""
-    orphans = rt.jobs.claim_orphans(grace_ms=rt.settings.lease_ttl_s * 3000)
+    """Claim and re-enqueue orphaned jobs; return their ids.
+
+    An orphan that has ended lost its worker after its last event but before
+    its chat session moved on: the reaper moves the session on instead.
+    """
+    orphans = rt.jobs.claim_orphans(grace_ms=round(rt.settings.claim_grace_s * 1000))
     for job_id in orphans:
-        queue = rt.jobs.queue_of(job_id)
-        if queue is None or rt.jobs.status(job_id) in FINAL:
+        job = rt.jobs.get(job_id)
+        if job is None or job.status in FINAL:
+            if job is not None and job.spec.session:
+                rt.dispatcher.start_next(job.spec.owner, job.spec.session, job_id)
             rt.jobs.forget_running(job_id)
             continue
-        log.warning("job %s lost its worker; re-enqueueing it on %r", job_id, queue)
-        rt.dispatcher.send(job_id, queue)
+        log.warning("job %s lost its worker; re-enqueueing it on %r", job_id, job.spec.queue)
+        rt.dispatcher.send(job_id, job.spec.queue)
     return orphans
+
+
+def restore_unacked(rt: WorkerRuntime) -> None:
+    """Put messages unacked for longer than the visibility timeout back on their queues.
+
+    The sweep is kombu's own (a mutex makes one process do it at a time);
+    each message goes back once, and the copy of a job that is running or
+    has ended does nothing.
+    """
+    with rt.dispatcher.celery.pool.acquire(block=True) as conn:
+        conn.default_channel.qos.restore_visible(num=RESTORE_BATCH, interval=1)
 
 
 def listen_for_cancels(rt: WorkerRuntime) -> None:

@@ -17,9 +17,11 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -124,6 +126,13 @@ class Stack:
         self.api_key = ""
         self.children: dict[str, list[Child]] = {"redis": [], "mock": [], "worker": [],
                                                  "web": []}
+        self._spawned = 0
+        #: Guards children, urls and worker names: a chaos loop adds and kills
+        #: processes from its own threads.
+        self._lock = threading.Lock()
+        self._url_of: dict[int, str] = {}
+        self._serving: set[int] = set()
+        self._spawner = ThreadPoolExecutor(1, thread_name_prefix="stack-spawner")
 
     def start(self, deadline_s: float = 60.0) -> None:
         """Start everything and wait until each part answers.
@@ -148,23 +157,68 @@ class Stack:
                    "mock", end)
         line = mock.log_path.read_text().split("listening on ", 1)[1]
         self.mock_url = line.split()[0]
-        names = [f"bench{i}-{os.getpid()}@localhost" for i in range(o.workers)]
-        for i, name in enumerate(names):
-            self._spawn(f"worker{i}", [
-                str(BIN / "celery"), "-A", "workers.make_celery", "worker", "-P", "gevent",
-                "-c", str(o.worker_concurrency), "-Q", "sluice", "-n", name,
-                "--without-gossip", "--without-mingle", "-l", "WARNING"], {}, "worker")
+        names = [self._spawn_worker()[0] for _ in range(o.workers)]
         ports = [free_port() for _ in range(o.webs)]
-        for i, p in enumerate(ports):
-            self._spawn(f"web{i}", [
-                str(BIN / "gunicorn"), "-k", "gevent", "-w", "1", "--worker-connections",
-                "10000", "--backlog", "4096", "-b", f"127.0.0.1:{p}", "--graceful-timeout", "3",
-                "--log-level", "warning", "app:create_app()"], {}, "web", signal.SIGTERM)
+        for p in ports:
+            self._spawn_web(p)
         self._wait_workers(names, end)
         for p in ports:
             self._wait(functools.partial(_http_ok, f"http://127.0.0.1:{p}/readyz"), "web", end)
         self.urls = [f"ws://127.0.0.1:{p}/ws" for p in ports]
+        self._url_of = {c.pid: u for c, u in zip(self.children["web"], self.urls, strict=True)}
         self.worker_names = names
+        self._serving = {c.pid for role in ("web", "worker") for c in self.children[role]}
+
+    def add_worker(self, deadline_s: float = 60.0) -> Child:
+        """Start one more worker process and wait until it answers; safe from any thread.
+
+        :raises BenchError: it did not start in time.
+        """
+        name, child = self._spawn_worker()
+        self._wait_workers([name], time.monotonic() + deadline_s, child)
+        with self._lock:
+            if child in self.children["worker"]:
+                self.worker_names.append(name)
+                self._serving.add(child.pid)
+        return child
+
+    def add_web(self, deadline_s: float = 60.0) -> str:
+        """Start one more front end on a free port; return its URL once it is ready.
+
+        Safe from any thread; the URL joins :attr:`urls` only if the process was
+        not killed meanwhile.
+
+        :raises BenchError: it did not become ready in time.
+        """
+        port = free_port()
+        child = self._spawn_web(port)
+        self._wait(functools.partial(_http_ok, f"http://127.0.0.1:{port}/readyz"), "web",
+                   time.monotonic() + deadline_s, child)
+        url = f"ws://127.0.0.1:{port}/ws"
+        with self._lock:
+            if child in self.children["web"]:
+                self.urls.append(url)
+                self._url_of[child.pid] = url
+                self._serving.add(child.pid)
+        return url
+
+    def kill(self, child: Child) -> None:
+        """``kill -9`` a child's process group and forget it; safe from any thread."""
+        with self._lock:
+            for kids in self.children.values():
+                if child in kids:
+                    kids.remove(child)
+            url = self._url_of.pop(child.pid, None)
+            if url in self.urls:
+                self.urls.remove(url)
+            self._serving.discard(child.pid)
+        child.send(signal.SIGKILL)
+        child.popen.wait()
+
+    def serving(self, role: str) -> list[Child]:
+        """The role's processes that finished starting and were not killed."""
+        with self._lock:
+            return [c for c in self.children[role] if c.pid in self._serving]
 
     def describe(self) -> dict[str, Any]:
         """What was started, for the results file."""
@@ -195,6 +249,7 @@ class Stack:
             for child in self.children[role]:
                 child.stop(first)
             self.children[role] = []
+        self._spawner.shutdown()
         if self._own_dir:
             shutil.rmtree(self.log_dir, ignore_errors=True)
 
@@ -209,15 +264,42 @@ class Stack:
         env.update(dict(self.opts.env))
         return env
 
+    def _spawn_worker(self) -> tuple[str, Child]:
+        with self._lock:
+            self._spawned += 1
+            n = self._spawned
+        name = f"bench{n}-{os.getpid()}@localhost"
+        return name, self._spawn(f"worker{n}", [
+            str(BIN / "celery"), "-A", "workers.make_celery", "worker", "-P", "gevent",
+            "-c", str(self.opts.worker_concurrency), "-Q", "sluice", "-n", name,
+            "--without-gossip", "--without-mingle", "-l", "WARNING"], {}, "worker")
+
+    def _spawn_web(self, port: int) -> Child:
+        with self._lock:
+            self._spawned += 1
+            n = self._spawned
+        return self._spawn(f"web{n}", [
+            str(BIN / "gunicorn"), "-c", "python:app.gunicorn_conf", "-k", "gevent", "-w", "1",
+            "--worker-connections",
+            "10000", "--backlog", "4096", "-b", f"127.0.0.1:{port}", "--graceful-timeout", "3",
+            "--log-level", "warning", "app:create_app()"], {}, "web", signal.SIGTERM)
+
     def _spawn(self, name: str, argv: list[str], extra: dict[str, str], role: str = "",
                death_signal: int = signal.SIGKILL) -> Child:
-        child = Child(name, argv, {**self._env(), **extra}, self.log_dir, death_signal)
-        self.children[role or name].append(child)
+        # The kernel's parent-death signal fires when the *thread* that started a
+        # child ends: start every child from one thread that lives as long as the stack.
+        child = self._spawner.submit(Child, name, argv, {**self._env(), **extra}, self.log_dir,
+                                     death_signal).result()
+        with self._lock:
+            self.children[role or name].append(child)
         return child
 
-    def _wait(self, ready: Callable[[], bool], role: str, end: float) -> None:
+    def _wait(self, ready: Callable[[], bool], role: str, end: float,
+              only: Child | None = None) -> None:
         while True:
-            for child in self.children[role]:
+            with self._lock:
+                kids = [only] if only else list(self.children[role])
+            for child in kids:
                 child.check()
             if ready():
                 return
@@ -226,7 +308,7 @@ class Stack:
                 raise BenchError(f"the stack's {role} did not become ready in time:\n{tails}")
             time.sleep(0.05)
 
-    def _wait_workers(self, names: list[str], end: float) -> None:
+    def _wait_workers(self, names: list[str], end: float, only: Child | None = None) -> None:
         from celery import Celery  # imported only when a stack is started
 
         app = Celery("sluice-bench", broker=self.redis_url)
@@ -237,7 +319,7 @@ class Stack:
                 seen.update(reply)
             return seen >= set(names)
         try:
-            self._wait(ready, "worker", end)
+            self._wait(ready, "worker", end, only)
         finally:
             app.close()
 

@@ -42,7 +42,7 @@ VOCAB: tuple[str, ...] = tuple(" " + w for w in (
 _VOCAB_JSON = tuple(json.dumps(w).encode() for w in VOCAB)
 _INDICES = range(len(VOCAB))
 _STAT_KEYS = ("requests", "streams_started", "streams_completed", "streams_aborted",
-              "active_streams", "failures_injected")
+              "active_streams", "failures_injected", "connections")
 Body = Iterator[bytes] | list[bytes]
 Messages = list[dict[str, Any]]
 
@@ -286,6 +286,9 @@ def make_wsgi_app(config: MockConfig) -> MockApp:
 
 class _Handler(WSGIHandler):  # type: ignore[misc]  # gevent ships no types
     def handle(self) -> None:
+        # One handler per accepted connection: clients that keep theirs alive
+        # show as fewer connections than requests.
+        self.server.application.stats["connections"] += 1
         with contextlib.suppress(OSError):
             # Nagle plus the client's delayed ACK would hold small token writes back by up to 40 ms.
             self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

@@ -1,0 +1,64 @@
+"""The worker's provider client against the real mock model: kept-alive connections, error codes."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from app.cli.dev.redis_server import free_port
+from tasks.config import Settings
+from tasks.runtime import Finish, ProviderError
+from tests.conftest import Client, Proc, start_mock
+from workers.provider import Provider
+
+
+def mock_stats(base_url: str) -> dict[str, Any]:
+    with urllib.request.urlopen(base_url.removesuffix("/v1") + "/mock/stats", timeout=5) as resp:
+        return json.loads(resp.read())
+
+
+def test_jobs_in_a_row_reuse_one_provider_connection(web: str, mock: str,
+                                                     connect: Callable[[str], Client]) -> None:
+    """Five jobs one after another open at most one new connection to the model."""
+    c = connect(web)
+    before = mock_stats(mock)
+    for i in range(5):
+        c.send(type="generate", prompt=f"keep alive {i}", max_tokens=2)
+        job_id = c.until(lambda f: f.get("type") == "queued")["job_id"]
+        assert c.finish({job_id})[job_id][-1]["type"] == "done"
+    after = mock_stats(mock)
+    assert after["streams_completed"] - before["streams_completed"] == 5
+    # Each /mock/stats call is a connection of its own.
+    assert after["connections"] - before["connections"] - 1 <= 1
+
+
+def _stream(base_url: str) -> list[str | Finish]:
+    provider = Provider(Settings(openai_base_url=base_url, provider_max_retries=0))
+    try:
+        with provider.stream("mock-1", [{"role": "user", "content": "hi"}], 8) as pieces:
+            return list(pieces)
+    finally:
+        provider.close()
+
+
+@pytest.mark.parametrize(("fail_mode", "code"), [("500", "provider_500"),
+                                                 ("cut", "provider_stream_broken")])
+def test_provider_failures_map_to_error_codes(start_proc: Callable[..., Proc], fail_mode: str,
+                                              code: str) -> None:
+    """An HTTP error before streaming is provider_<status>; a cut stream is provider_stream_broken."""
+    _, url = start_mock(start_proc, ttft_ms=0, itl_ms=1, output_tokens=10, fail_rate=1.0,
+                        fail_mode=fail_mode)
+    with pytest.raises(ProviderError) as e:
+        _stream(url)
+    assert e.value.code == code
+
+
+def test_unreachable_provider_is_provider_unavailable() -> None:
+    """Nothing listening at the provider's address is provider_unavailable."""
+    with pytest.raises(ProviderError) as e:
+        _stream(f"http://127.0.0.1:{free_port()}/v1")
+    assert e.value.code == "provider_unavailable"
