@@ -98,7 +98,7 @@ class Pump:
         self._heads: dict[str, str] = {}
         #: Starts are paced at ``bulk_starts_per_s`` (two in a row at most after a quiet
         #: spell), so a wave of ends does not become a wave of starts.
-        self._interval = 1 / settings.bulk_starts_per_s
+        self._interval = 1 / max(settings.bulk_starts_per_s, 0.001)
         self._next_start = 0.0
 
     def step(self, ended: Iterable[str] = ()) -> float:
