@@ -75,6 +75,11 @@ class Settings:
     batch_retention_s: int = 7 * 86400
     #: TOML file of rate-limit tiers; built-in tiers when empty (see tasks/tiers.py).
     tiers_file: str = ""
+    #: TOML file of provider deployments and model routes; without one, a single
+    #: deployment at ``openai_base_url`` serves ``models`` (see tasks/deployments.py).
+    providers_file: str = ""
+    #: Seconds between a worker process's announcements of the queues it consumes.
+    queue_heartbeat_s: float = 10.0
     #: Admit requests without limits when Redis cannot be reached (default: refuse).
     admission_fail_open: bool = False
     #: Serve clients without an API key, on ``anonymous_tier`` (local demos only).
@@ -176,6 +181,15 @@ class Settings:
                 continue
             values[f.name] = _parse(name, raw, type(getattr(cls, f.name)))
         return replace(cls(**values), **overrides)
+
+
+def read_secret(name: str) -> str:
+    """The value of environment variable ``name``, '' when unset.
+
+    The one other environment read: the API keys of provider deployments, whose
+    variable names the providers file gives (the file never holds a key).
+    """
+    return os.environ.get(name, "")
 
 
 def _parse(name: str, raw: str, kind: type) -> Any:

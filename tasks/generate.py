@@ -1,4 +1,15 @@
-"""The generation task: run one job against the provider and log its events."""
+"""The generation task: run one job against the provider deployments and log its events.
+
+Failover lives here, on top of :mod:`tasks.routing`: a request that fails
+before its first token (a connect error, a timeout, a 5xx or 429) is tried
+again on the next deployment the router picks (a deployment this job already
+tried only when no other may serve, after a doubling pause); when every
+deployment cools down or is at its limits the job waits for the soonest, up
+to ``max_wait_s``.  A stream that breaks after tokens were logged is never
+continued elsewhere: the attempt logs ``restart`` and regenerates from the
+start on a deployment it has not tried, so a client never sees two
+generations spliced together.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +28,7 @@ from tasks.budget import Bill
 from tasks.events import Appended, LeaseLostError
 from tasks.jobs import Job
 from tasks.queue import TASK_NAME
+from tasks.routing import Outcome, Pick, estimate_tokens
 from tasks.runtime import Finish, ProviderError, Report, Runtime
 
 log = logging.getLogger(__name__)
@@ -117,8 +129,13 @@ class Attempt:
         self.reader: gevent.Greenlet | None = None
         self.finish: Finish | None = None
         self.error: ProviderError | None = None
-        self.times: list[float] = []  # when each piece arrived
-        self.logged = 0  # pieces written to the log
+        self.times: list[float] = []  # when each piece of the current run arrived
+        self.logged = 0  # pieces of the current run written to the log
+        self.t_start = 0.0  # when the current provider request was sent
+        self.tried: list[str] = []  # deployments, in the order this attempt tried them
+        self.failovers: list[tuple[str, str]] = []  # (deployment, error code) that failed
+        self.streamed = False  # some deployment streamed text (its prompt is billed)
+        self.restart_body: dict[str, Any] | None = None  # a restart for the writer to log
 
     def run(self) -> bool:
         """Generate, then log ``done`` or ``error`` and settle the job in the same call.
@@ -136,7 +153,7 @@ class Attempt:
             return self._run()
         except LeaseLostError:
             log.warning("job %s: lease lost, another attempt owns it", jid)
-            self.rt.record(Report("lost", self.rt.provider.name))
+            self.rt.record(Report("lost", self.tried[-1] if self.tried else ""))
             return False
         finally:
             self.rt.attempts.pop(jid, None)
@@ -154,7 +171,7 @@ class Attempt:
             self.rt.budget.touch(jid, self.rt.settings.slot_ttl_s * 1000, self.job.spec.owner)
         except redis.RedisError as e:
             log.warning("job %s: could not renew its concurrency slot: %s", jid, e)
-        t_start = time.monotonic()
+        self.t_start = t_start = time.monotonic()
         if not self.stop.is_set():  # a cancel or a lost lease may have come already
             writer = gevent.spawn(self._write_tokens)
             self.reader = gevent.spawn(self._read)
@@ -173,21 +190,24 @@ class Attempt:
         return True
 
     def _end(self, attempt: int, t_start: float) -> Report:
-        deployment = self.rt.provider.name
+        deployment = self.tried[-1] if self.tried else ""
         finish, error, times = self.finish, self.error, self.times
         if not self.cancelled and error is None and finish is not None:
-            return self._finish_done(finish, attempt, t_start, times, deployment)
-        # Once the provider streamed, it billed the prompt (the admission count
-        # stands in for it) and the key pays for the text it was sent; before
+            report = self._finish_done(finish, attempt, self.t_start, times, deployment)
+            report.failovers = self.failovers
+            return report
+        # Once a provider streamed, it billed the prompt (the admission count
+        # stands in for it) and the key pays for the text of the run it was
+        # last sent (text a restart discarded is the gateway's loss); before
         # that, everything is refunded.
-        bill = self._bill(None, self.logged) if times else self._bill(0, 0)
+        bill = self._bill(None, self.logged) if self.streamed else self._bill(0, 0)
         if self.cancelled:
             self._finish_cancelled(bill)
-            return Report("cancelled", deployment)
+            return Report("cancelled", deployment, failovers=self.failovers)
         error = error or ProviderError("provider_stream_broken", "the stream ended early")
-        self._emit("error", {"code": error.code, "message": error.message}, status="error",
-                   bill=bill)
-        return Report("error", deployment, error_code=error.code)
+        self._emit("error", {"code": error.code, "message": error.message, "tried": self.tried},
+                   status="error", bill=bill)
+        return Report("error", deployment, error_code=error.code, failovers=self.failovers)
 
     def _finish_done(self, finish: Finish, attempt: int, t_start: float,
                      times: list[float], deployment: str) -> Report:
@@ -208,6 +228,7 @@ class Attempt:
             "client_ttft_ms": self.rt.jobs.client_ttft_ms(self.job.job_id),
             "deployment": deployment,
             "attempts": attempt,
+            "tried": list(self.tried),
         }
         self._emit("done", {
             "finish_reason": finish.reason,
@@ -222,22 +243,102 @@ class Attempt:
             prompt_tokens=usage.prompt_tokens if usage else 0, completion_tokens=n)
 
     def _read(self) -> None:
-        spec = self.job.spec
         limit_s = self.rt.settings.job_timeout_s
         too_long = ProviderError("timeout", f"the job ran longer than {limit_s} s")
         try:
-            with gevent.Timeout(limit_s, too_long), self.rt.provider.stream(
-                    spec.model, spec.messages, spec.max_tokens,
-                    temperature=spec.temperature, seed=spec.seed) as stream:
+            with gevent.Timeout(limit_s, too_long):
+                self._generate()
+        except ProviderError as e:
+            self.error = e
+
+    def _generate(self) -> None:
+        """Stream from deployment after deployment until one finishes or failover gives up.
+
+        :raises ProviderError: the last failure, or why no deployment may serve.
+        """
+        spec, router = self.job.spec, self.rt.router
+        gateway = router.providers.gateway
+        route = router.providers.route(spec.model)
+        if route is None:
+            raise ProviderError("model_not_found", f"no deployment serves model {spec.model!r}")
+        need = estimate_tokens(spec.messages, spec.max_tokens)
+        waited_s, backoff_s = 0.0, gateway.backoff_s
+        last: ProviderError | None = None
+        while True:
+            # Text already logged may only be regenerated by another deployment.
+            pick = router.pick(route, self.job.job_id, need, self.tried,
+                               untried_only=bool(self.times))
+            if pick.deployment is None:
+                if self.times or waited_s + pick.wait_s > gateway.max_wait_s:
+                    raise last or ProviderError(
+                        "provider_unavailable", f"no deployment of model {spec.model!r} may "
+                        f"serve now (cooling down or at its limits) for {pick.wait_s:.1f} s")
+                gevent.sleep(pick.wait_s)
+                waited_s += pick.wait_s
+                continue
+            if pick.deployment in self.tried:
+                gevent.sleep(backoff_s)  # still counted in flight: it is this job's turn
+                backoff_s *= 2
+            if self.times:
+                self._restart(pick.deployment)
+            self.tried.append(pick.deployment)
+            try:
+                self._stream(pick, need)
+                return
+            except ProviderError as e:
+                self.failovers.append((pick.deployment, e.code))
+                log.warning("job %s: deployment %s failed (%s)%s", self.job.job_id,
+                            pick.deployment, e.code, "" if e.failover else "; no failover")
+                if not e.failover or len(self.tried) >= gateway.max_attempts:
+                    raise
+                last = e
+
+    def _stream(self, pick: Pick, need: int) -> None:
+        """One provider request; releases its count on the deployment however it ends."""
+        spec = self.job.spec
+        assert pick.deployment is not None
+        outcome: Outcome | None = None
+        self.t_start = time.monotonic()
+        try:
+            with self.rt.providers.stream(pick.deployment, pick.upstream_model, spec.messages,
+                                          spec.max_tokens, temperature=spec.temperature,
+                                          seed=spec.seed) as stream:
                 for piece in stream:
                     if isinstance(piece, Finish):
                         self.finish = piece
+                        used = piece.usage.prompt_tokens + piece.usage.completion_tokens \
+                            if piece.usage else need
+                        outcome = Outcome(True, used, self._ttft(), remaining_tokens=
+                                          piece.remaining_tokens, reset_s=piece.reset_s)
                         return
                     self.times.append(time.monotonic())
+                    self.streamed = True
                     self.pending.append(piece)
                     self.wakeup.set()
         except ProviderError as e:
-            self.error = e
+            outcome = Outcome(False, need if self.times else 0, self._ttft(), failed=e.failover,
+                              retry_after_s=e.retry_after_s)
+            raise
+        finally:
+            if outcome is None:  # killed: neither a success nor the deployment's failure
+                outcome = Outcome(False, need if self.times else 0, self._ttft())
+            # Also on a kill (cancel, lost lease, job timeout): never leak the in-flight count.
+            try:
+                self.rt.router.release(pick, self.job.job_id, need, outcome)
+            except redis.RedisError as e:
+                log.warning("job %s: could not release deployment %s: %s", self.job.job_id,
+                            pick.deployment, e)
+
+    def _ttft(self) -> float | None:
+        return self.times[0] - self.t_start if self.times else None
+
+    def _restart(self, deployment: str) -> None:
+        """Drop the broken run's text: the writer logs ``restart`` before any text of the next."""
+        self.pending.clear()
+        self.times = []
+        self.restart_body = {"attempt": self.job.attempts, "reason": "failover",
+                             "deployment": deployment}
+        self.wakeup.set()
 
     def halt(self, *, cancelled: bool = False, lease_lost: bool = False,
              abandoned: bool = False) -> None:
@@ -254,7 +355,18 @@ class Attempt:
         # Greenlets switch only on I/O, so checking ``pending`` then waiting
         # cannot miss a wake-up.
         while True:
-            if self.pending:
+            if self.restart_body is not None:
+                body, self.restart_body = self.restart_body, None
+                try:
+                    self._emit("restart", body)
+                    self.logged = 0
+                except LeaseLostError:
+                    self.halt(lease_lost=True)
+                    return
+                except AttemptAbandonedError:
+                    self.halt(abandoned=True)
+                    return
+            elif self.pending:
                 pieces = len(self.pending)
                 text = "".join(self.pending)
                 self.pending.clear()

@@ -64,6 +64,23 @@ sluice:batch:{bid}            hash      a batch's own fields (status, counts: it
 sluice:batch:{bid}:render     string    held by the front end rendering its result files
 sluice:batches:{kid}          zset      batch id -> created ms: a key's batches
 ============================  ========  ==============================================
+
+Provider deployments (:mod:`tasks.routing`).  Shared by every worker, so all
+route with one picture; each key expires on its own: a deployment's state
+``STATE_TTL_S`` after its last job, its in-flight set ``job_timeout_s`` after
+its last start (each entry has its own deadline too), a cooldown and a failure
+count after their ``PX``.
+
+============================  ========  ==============================================
+key                           type      holds
+============================  ========  ==============================================
+sluice:dep:{name}             hash      minute, tokens and requests this minute, TTFT
+                                        EWMA (ms), provider-reported remaining tokens
+sluice:dep:{name}:inflight    zset      job id -> deadline (ms) of its running request
+sluice:dep:{name}:cooldown    string    why it rests; PX = until when
+sluice:dep:{name}:fails       string    failures in the current window; PX = window
+sluice:queues                 zset      Celery queue -> ms until which a worker consumes it
+============================  ========  ==============================================
 """
 
 from __future__ import annotations
@@ -235,3 +252,29 @@ def batch_render(bulk_id: str) -> str:
 def batches(key_id: str) -> str:
     """A key's batches by creation time, for listing."""
     return f"{PREFIX}batches:{key_id}"
+
+
+# -- provider deployments ---------------------------------------------------
+
+def deployment(name: str) -> str:
+    """A deployment's routing state: tokens and requests this minute, moving TTFT."""
+    return f"{PREFIX}dep:{name}"
+
+
+def deployment_inflight(name: str) -> str:
+    """The jobs a deployment is serving now, scored by their deadline (ms)."""
+    return f"{PREFIX}dep:{name}:inflight"
+
+
+def deployment_cooldown(name: str) -> str:
+    """Present while a deployment cools down; expires when it may serve again."""
+    return f"{PREFIX}dep:{name}:cooldown"
+
+
+def deployment_fails(name: str) -> str:
+    """A deployment's failures within the current failure window."""
+    return f"{PREFIX}dep:{name}:fails"
+
+
+#: Celery queues with a consumer: queue -> ms until which some worker said it consumes it.
+QUEUES = f"{PREFIX}queues"

@@ -18,6 +18,7 @@ from tasks.config import Settings
 from tasks.events import Appended
 from tasks.jobs import JobStore
 from tasks.queue import Dispatcher
+from tasks.routing import Router
 
 if TYPE_CHECKING:
     from tasks.generate import Attempt
@@ -37,27 +38,35 @@ class Finish:
 
     reason: str
     usage: Usage | None
+    #: The provider's ``x-ratelimit-remaining-tokens`` and reset (s), when it sent them.
+    remaining_tokens: int | None = None
+    reset_s: float | None = None
 
 
 class ProviderError(Exception):
-    """The provider failed; ``code`` is stable for clients, ``message`` says why."""
+    """The provider failed; ``code`` is stable for clients, ``message`` says why.
 
-    def __init__(self, code: str, message: str) -> None:
+    ``failover``: another deployment may succeed (a connect error, a timeout,
+    a 5xx or 429, a broken stream); ``retry_after_s``: the provider's
+    ``Retry-After``.
+    """
+
+    def __init__(self, code: str, message: str, *, failover: bool = False,
+                 retry_after_s: float | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.failover = failover
+        self.retry_after_s = retry_after_s
 
 
-class Provider(Protocol):
-    """A model deployment that streams chat completions."""
+class Providers(Protocol):
+    """The model deployments, each streaming chat completions."""
 
-    #: A bounded name for metrics and the ``done`` frame (host and port).
-    name: str
-
-    def stream(self, model: str, messages: list[dict[str, Any]], max_tokens: int, *,
-               temperature: float | None = None, seed: int | None = None
+    def stream(self, deployment: str, model: str, messages: list[dict[str, Any]],
+               max_tokens: int, *, temperature: float | None = None, seed: int | None = None
                ) -> AbstractContextManager[Iterator[str | Finish]]:
-        """Start a streaming completion: text pieces, then one :class:`Finish`.
+        """Start a streaming completion on ``deployment``: text pieces, then one :class:`Finish`.
 
         :raises ProviderError: the request failed (before or while streaming).
         """
@@ -81,6 +90,7 @@ class Report:
     """
 
     outcome: str
+    #: The deployment that served (or last failed) the job; '' when none was tried.
     deployment: str
     error_code: str | None = None
     queue_wait_s: float | None = None
@@ -90,6 +100,8 @@ class Report:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    #: Deployments that failed this attempt, with the error code, in order.
+    failovers: list[tuple[str, str]] = field(default_factory=list)
 
 
 class Runtime(Protocol):
@@ -99,7 +111,8 @@ class Runtime(Protocol):
     jobs: JobStore
     budget: Budget
     appender: Appender
-    provider: Provider
+    providers: Providers
+    router: Router
     dispatcher: Dispatcher
     #: The attempts running in this process, by job id (for cancels).
     attempts: dict[str, Attempt]

@@ -15,15 +15,18 @@ from celery.worker.consumer import Consumer as CeleryConsumer
 
 from tasks.budget import Budget
 from tasks.config import Settings
+from tasks.deployments import Providers as ProvidersConfig
+from tasks.deployments import load_providers
 from tasks.events import AppendBatcher, EventLog
 from tasks.generate import Attempt
 from tasks.jobs import JobStore
 from tasks.queue import Dispatcher, make_celery
+from tasks.routing import Router
 from tasks.runtime import Report
 from tasks.warmup import load_scripts
 from workers import metrics
 from workers.broker import keep_control_alive, share_redis_clients
-from workers.provider import Provider
+from workers.provider import Providers
 
 log = logging.getLogger(__name__)
 
@@ -46,11 +49,14 @@ class WorkerRuntime:
         self.budget = Budget(self.redis)
         self.dispatcher = Dispatcher(celery, self.jobs, self.events, self.budget)
         self.attempts: dict[str, Attempt] = {}
+        #: The providers config (read when the app is built: a bad file stops the worker).
+        self.config: ProvidersConfig = load_providers(settings)
+        self.router = Router(self.redis, self.config, settings.job_timeout_s)
 
     @cached_property
-    def provider(self) -> Provider:
-        """The model provider client."""
-        return Provider(self.settings)
+    def providers(self) -> Providers:
+        """The clients of every deployment."""
+        return Providers(self.config, self.settings.worker_concurrency)
 
     def warm(self) -> None:
         """Connect to Redis, load its scripts, build the provider and call it once per pool.
@@ -59,11 +65,11 @@ class WorkerRuntime:
         effort: whatever fails is left for the jobs to report.
         """
         try:
-            load_scripts(self.redis, self.jobs, self.events, self.budget)
+            load_scripts(self.redis, self.jobs, self.events, self.budget, self.router)
         except redis.RedisError as e:
             log.warning("warm-up: Redis unreachable (%s)", e)
         try:
-            self.provider.warm()
+            self.providers.warm()
         except Exception:  # a warm-up must not stop the worker
             log.exception("warm-up: could not build the provider client")
 

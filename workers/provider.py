@@ -1,12 +1,22 @@
-"""The model provider client: any OpenAI-compatible endpoint, through the official SDK."""
+"""The model provider clients: any OpenAI-compatible endpoints, through the official SDK.
+
+One :class:`Provider` per deployment of the providers config (its own SDK
+clients, key, timeouts); :class:`Providers` holds them all and streams from
+the one :mod:`tasks.routing` picked.  Errors are classified here, where the
+HTTP status is known: a connect error, a timeout, a 5xx or a 429 may fail
+over to another deployment (``ProviderError.failover``), with the provider's
+``Retry-After``; other 4xx would fail the same anywhere.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import email.utils
 import json
-from collections.abc import Callable, Iterator
+import re
+import time
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
-from urllib.parse import urlparse
 
 import gevent
 import httpx2
@@ -16,6 +26,8 @@ import openai
 from openai._streaming import SSEDecoder
 
 from tasks.config import Settings
+from tasks.deployments import Deployment, default_providers
+from tasks.deployments import Providers as ProvidersConfig
 from tasks.runtime import Finish, ProviderError, Usage
 
 #: SDK clients per process, each with its own connection pool.  httpcore checks
@@ -25,6 +37,39 @@ POOLS = 16
 #: How long to wait for the end of the body after ``data: [DONE]``; a body read
 #: to its end puts the connection back in the pool, one cut short closes it.
 DRAIN_S = 0.1
+
+
+class Providers:
+    """The clients of every configured deployment (a :class:`tasks.runtime.Providers`).
+
+    Example::
+
+        providers = Providers(load_providers(settings), settings.worker_concurrency)
+        with providers.stream("vllm-a", "meta-llama/Meta-Llama-3-8B-Instruct", messages, 16) as s:
+            for piece in s: ...
+    """
+
+    def __init__(self, config: ProvidersConfig, concurrency: int) -> None:
+        tls = httpx2.create_ssl_context()
+        self.clients = {name: Provider.for_deployment(d, concurrency, tls)
+                        for name, d in config.deployments.items()}
+
+    def stream(self, deployment: str, model: str, messages: list[dict[str, Any]],
+               max_tokens: int, *, temperature: float | None = None, seed: int | None = None
+               ) -> Completion:
+        """Start a streaming completion on ``deployment`` (see :meth:`Provider.stream`)."""
+        return self.clients[deployment].stream(model, messages, max_tokens,
+                                               temperature=temperature, seed=seed)
+
+    def warm(self) -> None:
+        """Warm every deployment's clients (best effort)."""
+        for client in self.clients.values():
+            client.warm()
+
+    def close(self) -> None:
+        """Close every deployment's connections."""
+        for client in self.clients.values():
+            client.close()
 
 
 class Provider:
@@ -41,21 +86,29 @@ class Provider:
             for piece in chunks: ...
     """
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, deployment: Deployment | None = None,
+                 tls: Any = None) -> None:
+        dep = deployment or next(iter(default_providers(settings).deployments.values()))
         # Hundreds of concurrent streams per worker process: the SDK's default
         # pool (100 connections) would queue them.
         keep = max(8, -(-settings.worker_concurrency // POOLS))
         # One TLS context for all: each loads the CA bundle (~40 ms of CPU).
-        tls = httpx2.create_ssl_context()
+        tls = tls or httpx2.create_ssl_context()
         self.clients = [openai.OpenAI(
-            base_url=settings.openai_base_url, api_key=settings.openai_api_key,
-            max_retries=settings.provider_max_retries, timeout=settings.provider_timeout_s,
+            base_url=dep.base_url, api_key=dep.api_key or "sk-none",
+            max_retries=dep.max_retries,
+            timeout=httpx2.Timeout(dep.timeout_s, connect=dep.connect_timeout_s),
             http_client=openai.DefaultHttpxClient(verify=tls, limits=httpx2.Limits(
                 max_connections=None, max_keepalive_connections=keep)))
             for _ in range(POOLS)]
         self._streams = [0] * POOLS  # open streams per client
-        #: A bounded label for metrics: the deployment's host and port.
-        self.name = urlparse(settings.openai_base_url).netloc or "default"
+        #: The deployment's name (a bounded label for metrics).
+        self.name = dep.name
+
+    @classmethod
+    def for_deployment(cls, deployment: Deployment, concurrency: int, tls: Any) -> Provider:
+        """The client of one configured deployment."""
+        return cls(Settings(worker_concurrency=concurrency), deployment, tls)
 
     def stream(self, model: str, messages: list[dict[str, Any]], max_tokens: int, *,
                temperature: float | None = None, seed: int | None = None) -> Completion:
@@ -93,9 +146,14 @@ class Provider:
             return client.post("/chat/completions", body=body, cast_to=httpx2.Response,
                                stream=True)
         except openai.APIStatusError as e:
-            raise ProviderError(f"provider_{e.status_code}", _message(e)) from e
+            status = e.status_code
+            raise ProviderError(f"provider_{status}", _message(e),
+                                failover=status == 429 or status >= 500,
+                                retry_after_s=retry_after(e.response.headers)) from e
+        except openai.APITimeoutError as e:
+            raise ProviderError("provider_timeout", _message(e), failover=True) from e
         except openai.APIError as e:
-            raise ProviderError("provider_unavailable", _message(e)) from e
+            raise ProviderError("provider_unavailable", _message(e), failover=True) from e
 
     def warm(self) -> None:
         """Make one cheap request per client (``GET /models``), so the first job does not.
@@ -146,9 +204,11 @@ class Completion:
                 chunk = json.loads(sse.data)
                 if not isinstance(chunk, dict):
                     raise ProviderError("provider_stream_broken",
-                                        f"a chunk that is not a JSON object: {chunk!r}")
+                                        f"a chunk that is not a JSON object: {chunk!r}",
+                                        failover=True)
                 if chunk.get("error"):
-                    raise ProviderError("provider_stream_broken", _stream_error(chunk["error"]))
+                    raise ProviderError("provider_stream_broken", _stream_error(chunk["error"]),
+                                        failover=True)
                 if chunk.get("usage"):
                     u = chunk["usage"]
                     usage = Usage(u.get("prompt_tokens", 0), u.get("completion_tokens", 0))
@@ -159,14 +219,19 @@ class Completion:
                     if choice.get("finish_reason"):
                         reason = choice["finish_reason"]
         except httpx2.HTTPError as e:
-            raise ProviderError("provider_stream_broken", f"{type(e).__name__}: {e}") from e
+            raise ProviderError("provider_stream_broken", f"{type(e).__name__}: {e}",
+                                failover=True) from e
         except ValueError as e:  # a chunk that is not JSON
-            raise ProviderError("provider_stream_broken", f"{type(e).__name__}: {e}") from e
+            raise ProviderError("provider_stream_broken", f"{type(e).__name__}: {e}",
+                                failover=True) from e
         if reason is None:
             # A stream cut before [DONE] can end quietly.
-            raise ProviderError("provider_stream_broken", "stream ended without finish_reason")
+            raise ProviderError("provider_stream_broken", "stream ended without finish_reason",
+                                failover=True)
         _drain(body)
-        yield Finish(reason, usage)
+        headers = self._response.headers
+        yield Finish(reason, usage, _int(headers.get("x-ratelimit-remaining-tokens")),
+                     duration_s(headers.get("x-ratelimit-reset-tokens")))
 
 
 def _drain(body: Iterator[bytes]) -> None:
@@ -185,6 +250,48 @@ def _stream_error(error: object) -> str:
     if not message or not isinstance(message, str):
         message = "An error occurred during streaming"
     return f"APIError: {message}"
+
+
+def retry_after(headers: Mapping[str, str]) -> float | None:
+    """Seconds a provider asks to wait: ``retry-after-ms``, else ``retry-after`` (s or a date)."""
+    ms = headers.get("retry-after-ms")
+    if ms is not None:
+        try:
+            return max(0.0, float(ms) / 1000)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        when = email.utils.parsedate_tz(value)
+        return max(0.0, email.utils.mktime_tz(when) - time.time()) if when else None
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
+_UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def duration_s(value: str | None) -> float | None:
+    """Parse a rate-limit reset such as ``6m0s``, ``1.5s`` or ``20ms`` (OpenAI's header format)."""
+    if not value:
+        return None
+    parts = _DURATION.findall(value)
+    if not parts:
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return sum(float(n) * _UNIT_S[u] for n, u in parts)
+
+
+def _int(value: str | None) -> int | None:
+    try:
+        return int(float(value)) if value is not None else None
+    except ValueError:
+        return None
 
 
 def _message(e: openai.APIError) -> str:
