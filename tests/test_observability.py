@@ -62,13 +62,14 @@ def test_done_carries_every_per_job_metric(web: str, mock: str, r: redis.Redis,
     m = done["metrics"]
     assert set(m) == {"queue_wait_ms", "provider_ttft_ms", "client_ttft_ms", "tpot_ms",
                       "itl_p50_ms", "itl_max_ms", "generation_ms", "e2e_ms", "deployment",
-                      "attempts"}
+                      "attempts", "tried"}
     record = {k.decode(): v.decode() for k, v in r.hgetall(keys.job(done["job_id"])).items()}
     # What the job's record holds, the metrics repeat exactly.
     assert m["queue_wait_ms"] == int(record["started_ms"]) - int(record["created_ms"])
     assert m["client_ttft_ms"] == float(record["client_ttft_ms"])
     assert m["deployment"] == urlparse(mock).netloc
     assert m["attempts"] == 1
+    assert m["tried"] == [m["deployment"]]
     # The session's mock: first token after 40 ms, then one every 15 ms (6 tokens).
     assert 40 <= m["provider_ttft_ms"] <= m["generation_ms"] <= m["e2e_ms"]
     assert m["generation_ms"] >= 40 + 5 * 15
