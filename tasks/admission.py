@@ -25,6 +25,7 @@ import redis
 
 from tasks.budget import USAGE_TTL_S, Budget, DayUsage, DuplicateReservationError, Settlement
 from tasks.config import Settings
+from tasks.deployments import load_providers
 from tasks.jobs import JobSpec
 from tasks.limits import Limits
 from tasks.tiers import Tier, load_tiers
@@ -112,10 +113,13 @@ class Admission:
 
     def __init__(self, client: redis.Redis, tiers: Mapping[str, Tier], *, job_ttl_s: int,
                  slot_ttl_s: float, fail_open: bool = False,
-                 usage_ttl_s: int = USAGE_TTL_S, queue: str = "sluice") -> None:
+                 usage_ttl_s: int = USAGE_TTL_S, queue: str = "sluice",
+                 queues: Mapping[str, str] | None = None) -> None:
         self.tiers = dict(tiers)
-        #: The Celery queue admitted jobs run on.
+        #: The Celery queue admitted jobs run on, unless ``queues`` names their model's.
         self.queue = queue
+        #: Model -> Celery queue (the providers config, :mod:`tasks.deployments`).
+        self.queues = dict(queues or {})
         self.budget = Budget(client, usage_ttl_s=usage_ttl_s)
         self.job_ttl_s = job_ttl_s
         self.slot_ttl_s = slot_ttl_s
@@ -133,10 +137,12 @@ class Admission:
 
         :param client: the process's Redis client; a new one when ``None``.
         :raises tasks.tiers.TierConfigError: the tiers file is bad.
+        :raises tasks.deployments.ProvidersConfigError: the providers file is bad.
         """
         return cls(client or settings.redis_client(), load_tiers(settings.tiers_file or None),
                    job_ttl_s=settings.job_ttl_s, slot_ttl_s=settings.slot_ttl_s,
-                   fail_open=settings.admission_fail_open, queue=settings.queue)
+                   fail_open=settings.admission_fail_open, queue=settings.queue,
+                   queues=load_providers(settings).queues())
 
     def tier_of(self, key: KeyLike) -> Tier:
         """The tier of ``key``.
@@ -204,7 +210,8 @@ class Admission:
                                          f"the {tier.name!r} tier's bucket of "
                                          f"{tier.tokens_per_minute}")
         job_id = job_id or uuid.uuid4().hex
-        spec = replace(spec, max_tokens=max_tokens, owner=key.key_id, queue=self.queue)
+        spec = replace(spec, max_tokens=max_tokens, owner=key.key_id,
+                       queue=self.queues.get(spec.model, self.queue))
         try:
             if batch and tier.batch_share < 1:
                 self._keep_interactive_share(key, tier, need)

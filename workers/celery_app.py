@@ -15,6 +15,7 @@ from celery.worker.consumer import Consumer as CeleryConsumer
 
 from tasks.budget import Budget
 from tasks.config import Settings
+from tasks.consumers import QueueConsumers, unserved
 from tasks.deployments import Providers as ProvidersConfig
 from tasks.deployments import load_providers
 from tasks.events import AppendBatcher, EventLog
@@ -177,6 +178,35 @@ def make_control_read_only() -> None:
         Panel.meta.pop(name, None)
 
 
+def announce_queues(rt: WorkerRuntime, queues: list[str]) -> None:
+    """Tell the front ends which queues this process consumes, every heartbeat; never returns.
+
+    Warns when a model of the providers config runs on a queue this worker
+    does not consume and no other worker announced (the front end's /readyz
+    says so too).
+    """
+    import gevent
+
+    consumers = QueueConsumers(rt.redis)
+    period_s = rt.settings.queue_heartbeat_s
+    warned: set[str] = set()
+    first = True
+    while True:
+        try:
+            consumers.announce(queues, 3 * period_s)
+            # The first round only announces: other workers may not have yet.
+            gaps = {} if first else unserved(rt.config.queues(), consumers.live())
+            first = False
+            for queue, models in gaps.items():
+                if queue not in warned:
+                    log.warning("no worker consumes queue %r: jobs for %s wait there "
+                                "(start one with -Q %s)", queue, ", ".join(models), queue)
+                    warned.add(queue)
+        except redis.RedisError as e:
+            log.warning("announcing queues %s failed: %s", queues, e)
+        gevent.sleep(period_s)
+
+
 @worker_ready.connect  # type: ignore[untyped-decorator]
 def _start_housekeeping(sender: object, **_: object) -> None:
     import gevent
@@ -186,7 +216,9 @@ def _start_housekeeping(sender: object, **_: object) -> None:
 
     rt: WorkerRuntime = sender.app.sluice  # type: ignore[attr-defined]
     rt.warm()
-    metrics.serve(rt.settings.metrics_port, lambda: len(rt.attempts))
+    metrics.serve(rt.settings.metrics_port, lambda: len(rt.attempts), rt.router)
+    queues = sorted(sender.app.amqp.queues.consume_from or sender.app.amqp.queues)  # type: ignore[attr-defined]
+    gevent.spawn(announce_queues, rt, queues)
     gevent.spawn(keep_leases, rt)
     gevent.spawn(reap_forever, rt)
     gevent.spawn(listen_for_cancels, rt)

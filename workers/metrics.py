@@ -7,11 +7,15 @@ never job ids or keys.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+import redis
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from tasks.config import Settings
+from tasks.routing import Router
 from tasks.runtime import Report
 
 log = logging.getLogger(__name__)
@@ -35,6 +39,47 @@ PROVIDER_ERRORS = Counter("sluice_provider_errors_total", "Provider failures",
                           ["deployment", "code"])
 IN_FLIGHT = Gauge("sluice_jobs_in_flight", "Generations running in this worker process")
 QUEUE_DEPTH = Gauge("sluice_queue_depth", "Jobs waiting in a Celery queue", ["queue"])
+FAILOVERS = Counter("sluice_failovers_total", "Provider requests that failed and were "
+                    "tried on another deployment or again", ["deployment", "code"])
+
+
+class DeploymentCollector(Collector):
+    """The deployments' shared state, read from Redis when scraped (one pipeline).
+
+    Every worker shows the same gateway-wide figures; labels are the
+    configured deployment names.
+    """
+
+    def __init__(self, router: Router) -> None:
+        self.router = router
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        try:
+            states = self.router.states()
+        except redis.RedisError as e:
+            log.warning("deployment metrics: Redis unreachable (%s)", e)
+            return
+        families = {
+            "in_flight": GaugeMetricFamily("sluice_deployment_in_flight",
+                                           "Requests in flight on the deployment (all workers)",
+                                           labels=["deployment"]),
+            "tokens": GaugeMetricFamily("sluice_deployment_tokens_this_minute",
+                                        "Tokens counted on the deployment this minute, "
+                                        "reservations included", labels=["deployment"]),
+            "ttft": GaugeMetricFamily("sluice_deployment_ttft_seconds",
+                                      "Moving average (EWMA) of the deployment's TTFT",
+                                      labels=["deployment"]),
+            "cooldown": GaugeMetricFamily("sluice_deployment_cooldown_seconds",
+                                          "Seconds left of the deployment's cooldown (0: healthy)",
+                                          labels=["deployment"]),
+        }
+        for s in states:
+            families["in_flight"].add_metric([s.name], s.in_flight)
+            families["tokens"].add_metric([s.name], s.tokens_this_minute)
+            if s.ttft_ms is not None:
+                families["ttft"].add_metric([s.name], s.ttft_ms / 1000)
+            families["cooldown"].add_metric([s.name], s.cooldown_ms / 1000)
+        yield from families.values()
 
 
 def record(report: Report) -> None:
@@ -42,6 +87,8 @@ def record(report: Report) -> None:
     if report.outcome == "lost":
         return  # the attempt that took the job over counts it
     JOBS.labels(report.outcome).inc()
+    for deployment, code in report.failovers:
+        FAILOVERS.labels(deployment, code).inc()
     if report.error_code:
         PROVIDER_ERRORS.labels(report.deployment, report.error_code).inc()
     if report.outcome != "done":
@@ -59,14 +106,18 @@ def record(report: Report) -> None:
         TOKENS.labels("in").inc(report.prompt_tokens)
 
 
-def serve(port: int, in_flight: Callable[[], int], host: str | None = None) -> None:
+def serve(port: int, in_flight: Callable[[], int], router: Router | None = None,
+          host: str | None = None) -> None:
     """Expose this process's metrics on ``host:port`` (port 0 disables).
 
     :param in_flight: how many generations the process is running now.
+    :param router: adds the deployments' shared state, read when scraped.
     :param host: the address to listen on; ``None`` reads ``SLUICE_HOST``
         (:attr:`Settings.host`, loopback by default).
     """
     IN_FLIGHT.set_function(in_flight)
+    if port and router is not None:
+        REGISTRY.register(DeploymentCollector(router))
     if port:
         addr = host if host is not None else Settings.from_env().host
         start_http_server(port, addr=addr)

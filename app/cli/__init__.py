@@ -19,7 +19,8 @@ LAZY = {"keys": "app.cli.keys:keys", "usage": "app.cli.keys:usage",
         "admission-bench": "app.cli.bench.admission:admission_bench",
         "bench-paths": "app.cli.bench.paths:bench_paths",
         "run": "app.cli.run:run", "flower": "app.cli.flower:flower",
-        "soak": "app.cli.soak.cli:soak", "batch": "app.cli.batch:batch"}
+        "soak": "app.cli.soak.cli:soak", "batch": "app.cli.batch:batch",
+        "providers": "app.cli.providers:providers"}
 
 
 class _LazyGroup(click.Group):
@@ -96,9 +97,15 @@ def redis_cmd(dev_only: bool, data_dir: Path) -> None:
 @click.option("--fail-mode", type=click.Choice(["429", "500", "cut"]), default="500",
               show_default=True)
 @click.option("--models", default="mock-1", show_default=True, help="Comma-separated.")
+@click.option("--retry-after-s", default=0.0, show_default=True,
+              help="Retry-After sent with an injected 429 (0: none).")
+@click.option("--cut-after", default=0, show_default=True,
+              help="--fail-mode cut: drop the connection after this many tokens (0: halfway).")
+@click.option("--ratelimit-tpm", default=0, show_default=True,
+              help="Send x-ratelimit-*-tokens headers counting this many tokens a minute.")
 def mockllm(dev_only: bool, host: str, port: int | None, ttft_ms: float, itl_ms: float,
             jitter_ms: float, output_tokens: int, fail_rate: float, fail_mode: str,
-            models: str) -> None:
+            models: str, retry_after_s: float, cut_after: int, ratelimit_tpm: int) -> None:
     """Serve Sluice's OpenAI-compatible mock model."""
     if dev_only and os.environ.get("SLUICE_DEV_MOCK") != "1":
         _idle("mockllm: using the provider at OPENAI_BASE_URL")
@@ -112,7 +119,9 @@ def mockllm(dev_only: bool, host: str, port: int | None, ttft_ms: float, itl_ms:
     try:
         config = MockConfig(ttft_ms=ttft_ms, itl_ms=itl_ms, jitter_ms=jitter_ms,
                             output_tokens=output_tokens, fail_rate=fail_rate,
-                            fail_mode=fail_mode, models=tuple(models.split(",")))
+                            fail_mode=fail_mode, models=tuple(models.split(",")),
+                            retry_after_s=retry_after_s, cut_after=cut_after,
+                            ratelimit_tpm=ratelimit_tpm)
     except ValueError as e:
         raise click.BadParameter(str(e)) from e
     serve(config, host, port)

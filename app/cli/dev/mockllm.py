@@ -61,12 +61,20 @@ class MockConfig:
     #: ``"429"``/``"500"``: HTTP error before any token; ``"cut"``: connection dropped mid-stream.
     fail_mode: str = "500"
     models: tuple[str, ...] = ("mock-1",)
+    #: ``Retry-After`` (seconds) sent with an injected 429; 0 sends none.
+    retry_after_s: float = 0.0
+    #: ``"cut"`` drops the connection after this many tokens; 0 cuts halfway.
+    cut_after: int = 0
+    #: When > 0, answers carry ``x-ratelimit-*-tokens`` headers counting this many
+    #: tokens per minute (a fixed window; the mock never refuses for it).
+    ratelimit_tpm: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "models", tuple(self.models))
         delays = (self.ttft_ms, self.itl_ms, self.jitter_ms)
         if (self.fail_mode not in ("429", "500", "cut") or not 0.0 <= self.fail_rate <= 1.0
-                or self.output_tokens < 1 or not self.models or min(delays) < 0):
+                or self.output_tokens < 1 or not self.models or min(delays) < 0
+                or self.retry_after_s < 0 or self.cut_after < 0 or self.ratelimit_tpm < 0):
             raise ValueError(f"invalid MockConfig: {self!r}")
 
 
@@ -154,6 +162,7 @@ class MockApp:
         self.config = config
         self.stats: dict[str, int] = dict.fromkeys(_STAT_KEYS, 0)
         self._rng = random.Random()  # failure draws and jitter: need not be reproducible
+        self._minute, self._minute_tokens = 0, 0  # the x-ratelimit window
         listed = [{"id": m, "object": "model", "created": 0, "owned_by": "sluice-mock"}
                   for m in config.models]
         self._models = json.dumps({"object": "list", "data": listed})
@@ -187,7 +196,8 @@ class MockApp:
         if cfg.fail_rate and self._rng.random() < cfg.fail_rate:
             self.stats["failures_injected"] += 1
             if cfg.fail_mode == "429":
-                return _send(start_response, 429, _RATE_LIMITED)
+                wait = [("Retry-After", f"{cfg.retry_after_s:g}")] if cfg.retry_after_s else []
+                return _send(start_response, 429, _RATE_LIMITED, wait)
             if cfg.fail_mode == "500":
                 return _send(start_response, 500, _SERVER_ERROR)
             cut = True
@@ -214,9 +224,24 @@ class MockApp:
             usage_json = json.dumps(_usage(messages, n), separators=(",", ":")).encode()
             tail += head + b'[],"usage":' + usage_json + b"}\n\n"
         start_response("200 OK", [("Content-Type", "text/event-stream"),
-                                  ("Cache-Control", "no-cache")])
-        indices = indices[:max(1, n // 2)] if cut else indices
+                                  ("Cache-Control", "no-cache"),
+                                  *self._ratelimit(count_prompt_tokens(messages) + n)])
+        indices = indices[:max(1, cfg.cut_after or n // 2)] if cut else indices
         return self._stream(t0, head, indices, tail + b"data: [DONE]\n\n", cut)
+
+    def _ratelimit(self, tokens: int) -> list[tuple[str, str]]:
+        """Count ``tokens`` in this minute; return the ``x-ratelimit-*-tokens`` headers."""
+        tpm = self.config.ratelimit_tpm
+        if not tpm:
+            return []
+        now = time.time()
+        if int(now // 60) != self._minute:
+            self._minute, self._minute_tokens = int(now // 60), 0
+        self._minute_tokens += tokens
+        reset_s = 60 - now % 60
+        return [("x-ratelimit-limit-tokens", str(tpm)),
+                ("x-ratelimit-remaining-tokens", str(max(0, tpm - self._minute_tokens))),
+                ("x-ratelimit-reset-tokens", f"{reset_s:.3f}s")]
 
     def _stream(self, t0: float, head: bytes, indices: list[int], tail: bytes,
                 cut: bool) -> Iterator[bytes]:
@@ -260,10 +285,12 @@ def _usage(messages: Messages, n: int) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": n, "total_tokens": prompt + n}
 
 
-def _send(start_response: StartResponse, status: int, body: str) -> list[bytes]:
+def _send(start_response: StartResponse, status: int, body: str,
+          headers: list[tuple[str, str]] | None = None) -> list[bytes]:
     data = body.encode()
     start_response(f"{status} {HTTPStatus(status).phrase}",
-                   [("Content-Type", "application/json"), ("Content-Length", str(len(data)))])
+                   [("Content-Type", "application/json"), ("Content-Length", str(len(data))),
+                    *(headers or [])])
     return [data]
 
 
