@@ -20,7 +20,7 @@ class Settings:
 
     Every field can be set from the environment as ``SLUICE_<FIELD>`` (upper
     case), plus the standard ``REDIS_URL``, ``OPENAI_BASE_URL`` and
-    ``OPENAI_API_KEY``.
+    ``OPENAI_API_KEY``, and ``SLUICE_PROVIDERS`` for ``providers_file``.
     """
 
     redis_url: str = "redis://127.0.0.1:6379/0"
@@ -173,7 +173,7 @@ class Settings:
         env = os.environ if env is None else env
         values: dict[str, Any] = {}
         standard = {"redis_url": "REDIS_URL", "openai_base_url": "OPENAI_BASE_URL",
-                    "openai_api_key": "OPENAI_API_KEY"}
+                    "openai_api_key": "OPENAI_API_KEY", "providers_file": "SLUICE_PROVIDERS"}
         for f in fields(cls):
             name = PREFIX + f.name.upper()
             raw = env.get(name, env.get(standard.get(f.name, ""), None))

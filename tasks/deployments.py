@@ -19,6 +19,7 @@ Example file::
     [models.llama-3-8b]
     strategy = "least-busy"  # weighted | least-busy | usage | latency | ordered
     queue = "gpu-a"          # the Celery queue its jobs run on (default SLUICE_QUEUE)
+    deployments = ["vllm-a"] # optional: which of those serving it, in this order
 
     [deployments.vllm-a]
     base_url = "http://10.0.0.5:8000/v1"
@@ -195,7 +196,7 @@ def parse_providers(data: Mapping[str, Any], settings: Settings, source: str = "
             raise where.error(path, "", "must be a table")
         if name not in serving:
             raise where.error(path, "", f"no deployment serves model {name!r}")
-        _only(m, {"strategy", "queue"}, path, where)
+        _only(m, {"strategy", "queue", "deployments"}, path, where)
         strategy = _get(m, "strategy", str, "least-busy", path, where)
         if strategy not in STRATEGIES:
             raise where.error(path, "strategy", f"unknown strategy {strategy!r}; one of "
@@ -203,7 +204,12 @@ def parse_providers(data: Mapping[str, Any], settings: Settings, source: str = "
         queue = _get(m, "queue", str, settings.queue, path, where)
         if not NAME.match(queue):
             raise where.error(path, "queue", f"bad queue name {queue!r}")
-        models[name] = ModelRoute(name, strategy, queue, tuple(serving[name]))
+        order = _get(m, "deployments", list, serving[name], path, where)
+        for d in order:
+            if d not in serving[name]:
+                raise where.error(path, "deployments", f"deployment {d!r} does not serve "
+                                  f"model {name!r}")
+        models[name] = ModelRoute(name, strategy, queue, tuple(order))
     for name, deps in serving.items():
         models.setdefault(name, ModelRoute(name, "least-busy", settings.queue, tuple(deps)))
     return Providers(deployments, models, gateway, source)
