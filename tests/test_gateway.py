@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import openai
 import pytest
 import redis
 
@@ -212,6 +213,17 @@ def test_stream_cut_after_tokens_restarts_on_another_deployment(
     assert done["metrics"]["tried"] == ["cutter", "good3"]
     assert done["metrics"]["deployment"] == "good3"
     assert done["usage"]["completion_tokens"] == 10
+
+
+def test_openai_sdk_waits_through_a_failover_restart(gw_web: str, api_key: str) -> None:
+    """A non-streaming OpenAI request on a deployment that cuts its stream gets the whole re-run."""
+    base = gw_web.replace("ws://", "http://").removesuffix("/ws") + "/v1"
+    with openai.OpenAI(base_url=base, api_key=api_key, max_retries=0) as c:
+        completion = c.chat.completions.create(
+            model="m-cut", messages=[{"role": "user", "content": "cut the sdk"}], max_tokens=10)
+    assert completion.choices[0].message.content == expected_text(
+        "cut the sdk", 10, MockConfig(**MOCK))
+    assert completion.usage is not None and completion.usage.completion_tokens == 10
 
 
 @pytest.mark.parametrize("strategy", list(SHARE_MODELS))

@@ -62,9 +62,8 @@ class Providers:
                                                temperature=temperature, seed=seed)
 
     def warm(self) -> None:
-        """Warm every deployment's clients (best effort)."""
-        for client in self.clients.values():
-            client.warm()
+        """Warm every deployment's clients, all at once (best effort)."""
+        gevent.joinall([gevent.spawn(client.warm) for client in self.clients.values()])
 
     def close(self) -> None:
         """Close every deployment's connections."""
