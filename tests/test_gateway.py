@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import urllib.request
+import uuid
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -23,8 +24,8 @@ import redis
 from app.cli.dev.mockllm import MockConfig, expected_text
 from app.cli.dev.redis_server import RedisServer, free_port
 from tasks.config import Settings
-from tasks.deployments import ProvidersConfigError, load_providers
-from tasks.routing import DeploymentState, Router
+from tasks.deployments import ProvidersConfigError, load_providers, parse_providers
+from tasks.routing import DeploymentState, Outcome, Router
 from tests.conftest import (
     BIN,
     MOCK,
@@ -277,3 +278,60 @@ def test_bad_providers_file_names_the_line_and_field(tmp_path: Path) -> None:
                     'base_url = "http://x/v1"\nmodels = ["m"]\n')
     with pytest.raises(ProvidersConfigError, match=r":2: models.m.strategy: unknown strategy"):
         load_providers(Settings(providers_file=str(path)))
+
+
+# -- the router alone, against the real Redis --------------------------------------------------
+
+def make_router(redis_server: RedisServer, strategy: str, tpm: int = 0) -> Router:
+    tag = uuid.uuid4().hex[:8]
+    doc = {"models": {"m": {"strategy": strategy}},
+           "deployments": {f"{tag}-{d}": {"base_url": "http://127.0.0.1:1/v1", "models": ["m"],
+                                          "tpm": tpm} for d in ("a", "b")}}
+    return Router(redis.Redis.from_url(redis_server.url), parse_providers(doc, Settings()), 600)
+
+
+def test_pick_counts_in_flight_and_a_rerun_drops_the_dead_attempts_count(
+        redis_server: RedisServer) -> None:
+    """A pick counts the job in flight; the same job picked again (its re-run) is counted once."""
+    router = make_router(redis_server, "least-busy")
+    route = router.providers.models["m"]
+    first = router.pick(route, "job1", 100)
+    router.pick(route, "job1", 100)
+    assert sum(s.in_flight for s in router.states()) == 1
+    second = router.pick(route, "job2", 100)
+    assert second.deployment != first.deployment  # least busy
+    router.release(second, "job2", 100, Outcome(True, 50))
+    assert sum(s.in_flight for s in router.states()) == 1
+
+
+def test_deployments_at_their_tpm_are_skipped_until_the_next_minute(
+        redis_server: RedisServer) -> None:
+    """With every deployment's TPM spent, a pick says how long until the next minute."""
+    router = make_router(redis_server, "usage", tpm=1000)
+    route = router.providers.models["m"]
+    picks = [router.pick(route, f"j{i}", 600) for i in range(3)]
+    assert {p.deployment for p in picks[:2]} == set(route.deployments)
+    assert picks[2].deployment is None and 0 < picks[2].wait_s <= 60
+
+
+def test_provider_remaining_tokens_steer_usage_routing(redis_server: RedisServer) -> None:
+    """A deployment whose provider reports too few remaining tokens gets no request until they reset."""
+    router = make_router(redis_server, "usage")
+    route = router.providers.models["m"]
+    a, b = route.deployments
+    pick = router.pick(route, "j0", 10)
+    low = pick.deployment
+    router.release(pick, "j0", 10, Outcome(True, 10, remaining_tokens=50, reset_s=60))
+    assert all(router.pick(route, f"j{i}", 100).deployment == ({a, b} - {low}).pop()
+               for i in range(1, 6))
+
+
+def test_untried_only_never_returns_a_deployment_already_tried(
+        redis_server: RedisServer) -> None:
+    """After tokens were streamed, only a deployment the job has not tried may regenerate."""
+    router = make_router(redis_server, "ordered")
+    route = router.providers.models["m"]
+    a, b = route.deployments
+    assert router.pick(route, "j", 10, [a], untried_only=True).deployment == b
+    assert router.pick(route, "j", 10, [a, b], untried_only=True).deployment is None
+    assert router.pick(route, "j", 10, [a, b]).deployment == a
