@@ -233,6 +233,8 @@ class DeploymentState:
     recent_failures: int
     served: int
     failed: int
+    #: The provider's last ``x-ratelimit-remaining-tokens``, while it holds (None: not sent).
+    provider_remaining_tokens: int | None = None
 
 
 class Router:
@@ -321,12 +323,14 @@ class Router:
             h, pttl, why, fails = replies[1 + 4 * j: 5 + 4 * j]
             h = {k.decode(): v.decode() for k, v in h.items()}
             this_minute = h.get("m") == str(minute)
+            fresh = int(h.get("huntil", 0)) > now
             out.append(DeploymentState(
                 n, int(in_flight[j]), int(h.get("tok", 0)) if this_minute else 0,
                 int(h.get("req", 0)) if this_minute else 0,
                 float(h["ttft"]) if "ttft" in h else None,
                 max(0, int(pttl)), why.decode() if why else "", int(fails or 0),
-                int(h.get("served", 0)), int(h.get("failed", 0))))
+                int(h.get("served", 0)), int(h.get("failed", 0)),
+                int(h["hrem"]) if fresh and "hrem" in h else None))
         return out
 
 

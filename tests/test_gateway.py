@@ -7,9 +7,11 @@ cutting every stream after three tokens; a model per behaviour under test.
 
 from __future__ import annotations
 
+import email.utils
 import json
 import os
 import subprocess
+import time
 import urllib.request
 import uuid
 from collections import Counter
@@ -38,6 +40,7 @@ from tests.conftest import (
     text_of,
     wait_for,
 )
+from workers.provider import duration_s, retry_after
 
 SHARE_MODELS = {"weighted": "m-weighted", "least-busy": "m-least", "usage": "m-usage",
                 "latency": "m-latency"}
@@ -98,6 +101,10 @@ models = {{ m-failover = "mock-1" }}
 base_url = "{urls['bad429']}"
 models = {{ m-retry = "mock-1" }}
 
+[deployments.metered]
+base_url = "{urls['metered']}"
+models = {{ m-metered = "mock-1" }}
+
 [deployments.cutter]
 base_url = "{urls['cutter']}"
 models = {{ m-cut = "mock-1" }}
@@ -110,6 +117,7 @@ def mocks(start_proc: Callable[..., Proc]) -> dict[str, str]:
     urls["bad500"] = start_mock(start_proc, fail_rate=1.0, fail_mode="500")[1]
     urls["bad429"] = start_mock(start_proc, fail_rate=1.0, fail_mode="429",
                                 retry_after_s=30.0)[1]
+    urls["metered"] = start_mock(start_proc, ratelimit_tpm=100_000)[1]
     urls["cutter"] = start_mock(start_proc, fail_rate=1.0, fail_mode="cut", cut_after=3)[1]
     return urls
 
@@ -120,7 +128,7 @@ def gw_env(sluice_env: dict[str, str], mocks: dict[str, str],
     path = tmp_path_factory.mktemp("gateway") / "providers.toml"
     path.write_text(providers_toml(mocks))
     models = ",".join(["mock-1", *SHARE_MODELS.values(), "m-failover", "m-retry", "m-cut",
-                       "m-gpu"])
+                       "m-gpu", "m-metered"])
     return {**sluice_env, "SLUICE_PROVIDERS": str(path), "SLUICE_QUEUE": "gw",
             "SLUICE_MODELS": models, "SLUICE_METRICS_PORT": str(free_port()),
             "SLUICE_QUEUE_HEARTBEAT_S": "0.5", "GW_TEST_KEY": "sk-gw"}
@@ -225,6 +233,25 @@ def test_openai_sdk_waits_through_a_failover_restart(gw_web: str, api_key: str) 
     assert completion.choices[0].message.content == expected_text(
         "cut the sdk", 10, MockConfig(**MOCK))
     assert completion.usage is not None and completion.usage.completion_tokens == 10
+
+
+def test_provider_rate_limit_headers_reach_the_shared_state(
+        gw_web: str, router: Router, connect: Callable[[str], Client]) -> None:
+    """A provider's x-ratelimit-remaining-tokens is stored for usage routing and shown to operators."""
+    c = connect(gw_web)
+    assert run_jobs(c, "m-metered", 1).popitem()[1][-1]["type"] == "done"
+    remaining = state(router, "metered").provider_remaining_tokens
+    assert remaining is not None and 0 < remaining < 100_000
+
+
+def test_retry_after_and_reset_headers_parse() -> None:
+    """Retry-After in seconds, ms or as a date; OpenAI's reset durations such as 1m30s or 20ms."""
+    assert retry_after({"retry-after": "3"}) == 3.0
+    assert retry_after({"retry-after-ms": "250", "retry-after": "9"}) == 0.25
+    assert 50 < (retry_after({"retry-after": email.utils.formatdate(time.time() + 60)}) or 0) <= 60
+    assert retry_after({}) is None
+    assert duration_s("1m30s") == 90.0 and duration_s("20ms") == 0.02
+    assert duration_s("1.5s") == 1.5 and duration_s(None) is None
 
 
 @pytest.mark.parametrize("strategy", list(SHARE_MODELS))

@@ -56,6 +56,8 @@ def providers(as_json: bool) -> None:
             continue
         tpm = f"/{dep.tpm}" if dep.tpm else ""
         ttft = f"{s.ttft_ms:.0f} ms" if s.ttft_ms is not None else "-"
+        if s.provider_remaining_tokens is not None:
+            tpm += f" (provider: {s.provider_remaining_tokens} left)"
         click.echo(f"{s.name:<{width}}  {_state(s)}  in flight {s.in_flight}  "
                    f"tokens/min {s.tokens_this_minute}{tpm}  ttft {ttft}  "
                    f"served {s.served}  failed {s.failed}  models {', '.join(dep.models)}")
