@@ -184,6 +184,13 @@ def test_failing_deployment_fails_over_then_cools_down_then_comes_back(
     assert rows["bad500"]["state"].startswith("cooling down until"), rows["bad500"]
     assert rows["bad500"]["cooldown_reason"] == "failures"
     assert rows["good1"]["state"] == "healthy"
+    # The same figures on the worker's /metrics, labelled by deployment name.
+    port = gw_env["SLUICE_METRICS_PORT"]
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        metrics = resp.read().decode()
+    assert 'sluice_deployment_in_flight{deployment="good1"}' in metrics
+    assert 'sluice_deployment_cooldown_seconds{deployment="bad500"}' in metrics
+    assert 'sluice_failovers_total{code="provider_500",deployment="bad500"}' in metrics
     # It comes back by itself and gets requests again.
     wait_for(lambda: state(router, "bad500").cooldown_ms == 0, COOLDOWN_S + 30,
              "bad500's cooldown to end")
