@@ -250,6 +250,10 @@ class Attempt:
                 self._generate()
         except ProviderError as e:
             self.error = e
+        except redis.RedisError as e:
+            # Routing needs Redis; so does logging the error, which retries until
+            # the lease runs out and the job is left for a re-run.
+            self.error = ProviderError("unavailable", f"could not route the job: {e}")
 
     def _generate(self) -> None:
         """Stream from deployment after deployment until one finishes or failover gives up.
@@ -286,11 +290,11 @@ class Attempt:
                 self._stream(pick, need)
                 return
             except ProviderError as e:
-                self.failovers.append((pick.deployment, e.code))
                 log.warning("job %s: deployment %s failed (%s)%s", self.job.job_id,
                             pick.deployment, e.code, "" if e.failover else "; no failover")
                 if not e.failover or len(self.tried) >= gateway.max_attempts:
                     raise
+                self.failovers.append((pick.deployment, e.code))
                 last = e
 
     def _stream(self, pick: Pick, need: int) -> None:

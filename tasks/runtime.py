@@ -100,7 +100,7 @@ class Report:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
-    #: Deployments that failed this attempt, with the error code, in order.
+    #: Deployments that failed and were failed over from, with the error code, in order.
     failovers: list[tuple[str, str]] = field(default_factory=list)
 
 
