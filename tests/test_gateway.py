@@ -15,7 +15,7 @@ import time
 import urllib.request
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -135,9 +135,11 @@ def gw_env(sluice_env: dict[str, str], mocks: dict[str, str],
 
 
 @pytest.fixture(scope="module")
-def gw_web(start_proc: Callable[..., Proc], gw_env: dict[str, str]) -> str:
-    start_worker(start_proc, gw_env, "gw")
-    return start_web(start_proc, gw_env)
+def gw_web(start_proc: Callable[..., Proc], gw_env: dict[str, str]) -> Iterator[str]:
+    # Stopped with the module: later modules find only their own workers (Flower lists all).
+    worker = start_worker(start_proc, gw_env, "gw")
+    yield start_web(start_proc, gw_env)
+    worker.stop()
 
 
 @pytest.fixture(scope="module")
@@ -293,10 +295,13 @@ def test_model_queue_routes_jobs_to_its_worker_pool(
         wait_for(lambda: r.llen("gw-gpu") == 1, 10, "the job on queue gw-gpu")
     gpu = start_worker(start_proc, {**gw_env, "SLUICE_QUEUE": "gw-gpu",
                                     "SLUICE_METRICS_PORT": "0"}, "gpu")
-    ev = c.finish({job_id})[job_id]
-    assert ev[-1]["type"] == "done"
-    wait_for(lambda: "Task sluice.generate" in gpu.log(), 10, "the gpu worker to log the task")
-    wait_for(lambda: "queues_without_workers" not in readyz(), 30, "/readyz to clear")
+    try:
+        ev = c.finish({job_id})[job_id]
+        assert ev[-1]["type"] == "done"
+        wait_for(lambda: "Task sluice.generate" in gpu.log(), 10, "the gpu worker to log it")
+        wait_for(lambda: "queues_without_workers" not in readyz(), 30, "/readyz to clear")
+    finally:
+        gpu.stop()
 
 
 def test_bad_providers_file_names_the_line_and_field(tmp_path: Path) -> None:
@@ -329,11 +334,11 @@ def test_pick_counts_in_flight_and_a_rerun_drops_the_dead_attempts_count(
     """A pick counts the job in flight; the same job picked again (its re-run) is counted once."""
     router = make_router(redis_server, "least-busy")
     route = router.providers.models["m"]
-    first = router.pick(route, "job1", 100)
     router.pick(route, "job1", 100)
+    rerun = router.pick(route, "job1", 100)
     assert sum(s.in_flight for s in router.states()) == 1
     second = router.pick(route, "job2", 100)
-    assert second.deployment != first.deployment  # least busy
+    assert second.deployment != rerun.deployment  # least busy
     router.release(second, "job2", 100, Outcome(True, 50))
     assert sum(s.in_flight for s in router.states()) == 1
 
