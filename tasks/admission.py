@@ -15,6 +15,7 @@ items, see :mod:`tasks.pump`).
 from __future__ import annotations
 
 import json
+import logging
 import math
 import uuid
 from collections.abc import Mapping
@@ -30,6 +31,8 @@ from tasks.jobs import JobSpec
 from tasks.limits import Limits
 from tasks.tiers import Tier, load_tiers
 from tasks.tokens import count_message_tokens
+
+log = logging.getLogger(__name__)
 
 HTTP_STATUS = {"rate_limited": 429, "concurrency_limit": 429, "too_large": 400,
                "model_not_allowed": 403, "unavailable": 503}
@@ -139,10 +142,17 @@ class Admission:
         :raises tasks.tiers.TierConfigError: the tiers file is bad.
         :raises tasks.deployments.ProvidersConfigError: the providers file is bad.
         """
+        providers = load_providers(settings)
+        unserved = [m for m in settings.model_names if providers.route(m) is None]
+        if unserved:
+            # Said once at start: otherwise each job of these models fails
+            # with model_not_found only once a worker runs it.
+            log.warning("no deployment in %s serves model(s) %s of SLUICE_MODELS; their jobs "
+                        "will end with model_not_found", providers.source, ", ".join(unserved))
         return cls(client or settings.redis_client(), load_tiers(settings.tiers_file or None),
                    job_ttl_s=settings.job_ttl_s, slot_ttl_s=settings.slot_ttl_s,
                    fail_open=settings.admission_fail_open, queue=settings.queue,
-                   queues=load_providers(settings).queues())
+                   queues=providers.queues())
 
     def tier_of(self, key: KeyLike) -> Tier:
         """The tier of ``key``.
