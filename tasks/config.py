@@ -107,6 +107,11 @@ class Settings:
     max_follows_per_socket: int = 100
     #: How long a front end goes without Redis before telling its clients to reconnect.
     redis_lost_after_s: float = 2.0
+    #: A job sent to the workers and not started by any attempt this long after
+    #: is sent again (its message may have died with a worker); each further
+    #: copy waits as long as the job has already waited, so a long queue costs
+    #: a few copies per job, each of which does nothing once the job runs.
+    unstarted_grace_s: float = 5.0
 
     @property
     def model_names(self) -> tuple[str, ...]:
