@@ -112,6 +112,10 @@ class Settings:
     #: copy waits as long as the job has already waited, so a long queue costs
     #: a few copies per job, each of which does nothing once the job runs.
     unstarted_grace_s: float = 5.0
+    #: How long a Redis command waits for its reply before it fails (and is retried
+    #: on a new connection): a half-open connection must not hang a greenlet.
+    #: Pub/sub reads that wait for messages are not bound by it.
+    redis_socket_timeout_s: float = 10.0
 
     @property
     def model_names(self) -> tuple[str, ...]:
@@ -154,6 +158,7 @@ class Settings:
         pool = redis.BlockingConnectionPool.from_url(
             self.redis_url, max_connections=self.redis_max_connections, timeout=30,
             health_check_interval=30, socket_connect_timeout=5,
+            socket_timeout=self.redis_socket_timeout_s,
             retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 2))
         return redis.Redis(connection_pool=pool)
 

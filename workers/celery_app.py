@@ -180,7 +180,7 @@ def _start_housekeeping(sender: object, **_: object) -> None:
 
     rt: WorkerRuntime = sender.app.sluice  # type: ignore[attr-defined]
     rt.warm()
-    metrics.serve(rt.settings.metrics_port, lambda: len(rt.attempts))
+    metrics.serve(rt.settings.metrics_port, lambda: len(rt.attempts), host=rt.settings.host)
     gevent.spawn(keep_leases, rt)
     gevent.spawn(reap_forever, rt)
     gevent.spawn(listen_for_cancels, rt)

@@ -69,8 +69,7 @@ def reap_forever(rt: WorkerRuntime) -> None:
             resend_unstarted(rt)
             if time.monotonic() >= next_sample:
                 next_sample = time.monotonic() + QUEUE_DEPTH_PERIOD_S
-                metrics.QUEUE_DEPTH.labels(rt.settings.queue).set(
-                    rt.redis.llen(rt.settings.queue))
+                metrics.QUEUE_DEPTH.labels(rt.settings.queue).set(queue_depth(rt))
             if redis_broker and time.monotonic() >= next_restore:
                 next_restore = time.monotonic() + restore_period_s
                 restore_unacked(rt)
@@ -97,6 +96,18 @@ def reap_once(rt: WorkerRuntime) -> list[str]:
         log.warning("job %s lost its worker; re-enqueueing it on %r", job_id, job.spec.queue)
         rt.dispatcher.send(job_id, job.spec.queue)
     return orphans
+
+
+def queue_depth(rt: WorkerRuntime) -> int:
+    """How many messages wait on the process's generation queue, on whichever broker."""
+    if rt.settings.broker == rt.settings.redis_url:
+        return int(rt.redis.llen(rt.settings.queue))  # kombu's Redis transport: a list
+    # A channel of its own: a passive declare of a missing queue closes its channel.
+    with rt.dispatcher.celery.pool.acquire(block=True) as conn, conn.channel() as channel:
+        try:
+            return int(channel.queue_declare(rt.settings.queue, passive=True).message_count)
+        except conn.channel_errors:  # not declared yet: nothing waits
+            return 0
 
 
 def resend_unstarted(rt: WorkerRuntime) -> list[str]:
