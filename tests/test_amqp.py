@@ -6,6 +6,12 @@ broker handles its own way: a worker killed mid-stream (RabbitMQ hands its
 unacked message straight back) and a message lost before any worker leased
 its job.  Needs a RabbitMQ (``SLUICE_TEST_AMQP_URL``, default the local one);
 skipped with the reason when none answers.
+
+The stack's mock waits 300 ms before its first token (the session's waits
+40 ms): on RabbitMQ the front end publishes each job's message itself before
+it answers ``queued``, and on a busy 2-core machine ten such publishes in a
+row can outlast a 130 ms job, which would fail the ordering test for a reason
+that is not the order.  Every other expectation is the same.
 """
 
 from __future__ import annotations
@@ -23,7 +29,16 @@ from kombu import Connection
 from app.apikeys import KeyStore
 from app.cli.dev.mockllm import MockConfig, expected_text
 from tasks import keys
-from tests.conftest import Client, Proc, start_mock, start_web, start_worker, text_of, wait_for
+from tests.conftest import (
+    MOCK,
+    Client,
+    Proc,
+    start_mock,
+    start_web,
+    start_worker,
+    text_of,
+    wait_for,
+)
 
 # The pipeline tests, collected again here: the fixtures below replace the
 # session's Redis-broker stack for them.
@@ -41,20 +56,27 @@ SLOW_CONFIG = MockConfig(**SLOW)  # type: ignore[arg-type]
 
 
 @pytest.fixture(scope="module")
-def worker(start_proc: Callable[..., Proc], amqp_env: dict[str, str]) -> Iterator[Proc]:
-    proc = start_worker(start_proc, amqp_env, "amqp")
+def pipeline_env(start_proc: Callable[..., Proc], amqp_env: dict[str, str]) -> dict[str, str]:
+    """The amqp stack with the pipeline tests' mock, only slower to its first token."""
+    _, url = start_mock(start_proc, **{**MOCK, "ttft_ms": 300})
+    return {**amqp_env, "OPENAI_BASE_URL": url}
+
+
+@pytest.fixture(scope="module")
+def worker(start_proc: Callable[..., Proc], pipeline_env: dict[str, str]) -> Iterator[Proc]:
+    proc = start_worker(start_proc, pipeline_env, "amqp")
     yield proc
     proc.stop()
 
 
 @pytest.fixture(scope="module")
-def web(start_proc: Callable[..., Proc], amqp_env: dict[str, str], worker: Proc) -> str:
-    return start_web(start_proc, amqp_env)
+def web(start_proc: Callable[..., Proc], pipeline_env: dict[str, str], worker: Proc) -> str:
+    return start_web(start_proc, pipeline_env)
 
 
 @pytest.fixture(scope="module")
-def web2(start_proc: Callable[..., Proc], amqp_env: dict[str, str], worker: Proc) -> str:
-    return start_web(start_proc, amqp_env)
+def web2(start_proc: Callable[..., Proc], pipeline_env: dict[str, str], worker: Proc) -> str:
+    return start_web(start_proc, pipeline_env)
 
 
 @pytest.fixture(scope="module")
