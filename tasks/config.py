@@ -112,6 +112,15 @@ class Settings:
     max_follows_per_socket: int = 100
     #: How long a front end goes without Redis before telling its clients to reconnect.
     redis_lost_after_s: float = 2.0
+    #: A job sent to the workers and not started by any attempt this long after
+    #: is sent again (its message may have died with a worker); each further
+    #: copy waits as long as the job has already waited, so a long queue costs
+    #: a few copies per job, each of which does nothing once the job runs.
+    unstarted_grace_s: float = 5.0
+    #: How long a Redis command waits for its reply before it fails (and is retried
+    #: on a new connection): a half-open connection must not hang a greenlet.
+    #: Pub/sub reads that wait for messages are not bound by it.
+    redis_socket_timeout_s: float = 10.0
 
     @property
     def model_names(self) -> tuple[str, ...]:
@@ -154,6 +163,7 @@ class Settings:
         pool = redis.BlockingConnectionPool.from_url(
             self.redis_url, max_connections=self.redis_max_connections, timeout=30,
             health_check_interval=30, socket_connect_timeout=5,
+            socket_timeout=self.redis_socket_timeout_s,
             retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 2))
         return redis.Redis(connection_pool=pool)
 

@@ -26,19 +26,20 @@ TERMINAL = frozenset({"done", "error"})
 
 # Append one event to a job's log and wake its listeners (a Lua function, so
 # that FINISH can settle in the same call).
-# job hash, log stream, wake channel, lease; frame text before the seq, frame
-# text after the seq; lease token ('' skips the check); final status ('' unless
-# the event ends the job); TTL in seconds for a job that has ended; the seq the
-# caller expects to get ('' skips the check).
+# job hash, log stream, wake channel, lease, unstarted-jobs zset; frame text
+# before the seq, frame text after the seq; lease token ('' skips the check);
+# final status ('' unless the event ends the job); TTL in seconds for a job
+# that has ended; the seq the caller expects to get ('' skips the check).
 # Returns {seq, cancel_requested}; {-1, 0} when the caller's lease is gone
 # (another attempt owns the job: the caller must stop writing); {-2, 0} when
 # the log is not where the caller expects it.  An append retried after its
 # reply was lost finds the log one past what it expects and returns that seq
 # again instead of appending twice.  An ended job stays in the running zset
 # until its attempt releases the lease, so the reaper finishes the job's
-# housekeeping (its chat session) if the worker dies in between.
+# housekeeping (its chat session) if the worker dies in between; an ended job
+# leaves the unstarted index (it ended without starting: refused, cancelled).
 APPEND_FUNCTION = """
-local function append(job, log, wake, lease, head, tail, token, status, ttl, expect)
+local function append(job, log, wake, lease, unstarted, head, tail, token, status, ttl, expect)
   if token ~= '' and redis.call('GET', lease) ~= token then return {-1, 0} end
   local seq = tonumber(redis.call('HGET', job, 'seq') or '0')
   local cancel = redis.call('HGET', job, 'cancel') and 1 or 0
@@ -56,6 +57,7 @@ local function append(job, log, wake, lease, head, tail, token, status, ttl, exp
                'finished_ms', t[1] * 1000 + math.floor(t[2] / 1000))
     redis.call('EXPIRE', job, ttl)
     redis.call('EXPIRE', log, ttl)
+    redis.call('ZREM', unstarted, string.sub(job, -32))
   elseif seq == 0 then
     redis.call('EXPIRE', log, redis.call('TTL', job))
   end
@@ -64,21 +66,22 @@ end
 """
 
 # Append one event (see APPEND_FUNCTION).
-# KEYS[1] job hash, KEYS[2] log stream, KEYS[3] wake channel, KEYS[4] lease
+# KEYS[1] job hash, KEYS[2] log stream, KEYS[3] wake channel, KEYS[4] lease,
+# KEYS[5] unstarted-jobs zset
 # ARGV[1] frame text before the seq, ARGV[2] frame text after the seq,
 # ARGV[3] lease token, ARGV[4] final status, ARGV[5] TTL s once ended,
 # ARGV[6] expected seq.
 # Returns {seq, cancel_requested}, {-1, 0} or {-2, 0} (see APPEND_FUNCTION).
 APPEND = APPEND_FUNCTION + """
-return append(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[1], ARGV[2], ARGV[3], ARGV[4],
-              ARGV[5], ARGV[6])
+return append(KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], ARGV[1], ARGV[2], ARGV[3],
+              ARGV[4], ARGV[5], ARGV[6])
 """
 
 # Append the event that ends a job and settle the job's reservation, in one
 # call: no crash can come between the end of a job and its settlement, and a
 # retried call settles nothing twice (the reservation is gone).
-# KEYS[1..4] as APPEND; KEYS[5] reservation hash, KEYS[6] bucket hash,
-# KEYS[7] slots zset, KEYS[8] usage hash (today), all of the job's owner.
+# KEYS[1..5] as APPEND; KEYS[6] reservation hash, KEYS[7] bucket hash,
+# KEYS[8] slots zset, KEYS[9] usage hash (today), all of the job's owner.
 # ARGV[1..6] as APPEND; ARGV[7] the owner's key id, ARGV[8] job id, ARGV[9]
 # prompt tokens used ('' = as counted at admission), ARGV[10] completion
 # tokens used, ARGV[11] usage TTL s.
@@ -87,13 +90,13 @@ return append(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[1], ARGV[2], ARGV[3], ARG
 # reserved), -1 if the reservation belongs to another key (left alone).
 # {-1, 0, 0} / {-2, 0, 0} as APPEND: nothing written, nothing settled.
 FINISH = APPEND_FUNCTION + SETTLE_FUNCTION + """
-local out = append(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[1], ARGV[2], ARGV[3], ARGV[4],
-                   ARGV[5], ARGV[6])
+local out = append(KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], ARGV[1], ARGV[2], ARGV[3],
+                   ARGV[4], ARGV[5], ARGV[6])
 if out[1] < 0 then return {out[1], 0, 0} end
-local owner = redis.call('HGET', KEYS[5], 'key_id')
+local owner = redis.call('HGET', KEYS[6], 'key_id')
 if not owner then return {out[1], out[2], 0} end
 if owner ~= ARGV[7] then return {out[1], out[2], -1} end
-settle(KEYS[5], KEYS[6], KEYS[7], KEYS[8], ARGV[8], ARGV[9], ARGV[10], ARGV[11])
+settle(KEYS[6], KEYS[7], KEYS[8], KEYS[9], ARGV[8], ARGV[9], ARGV[10], ARGV[11])
 return {out[1], out[2], 1}
 """
 
@@ -160,7 +163,8 @@ class EventLog:
              ) -> tuple[Any, list[str], list[Any]]:
         """The script, KEYS and ARGV of one append (see :meth:`append`)."""
         head, tail = frame_parts(job_id, kind, body)
-        keys_ = [keys.job(job_id), keys.log(job_id), keys.wake(job_id), keys.lease(job_id)]
+        keys_ = [keys.job(job_id), keys.log(job_id), keys.wake(job_id), keys.lease(job_id),
+                 keys.UNSTARTED]
         args = [head, tail, lease_token, status, self.ttl_s,
                 "" if expect_seq is None else expect_seq]
         if bill is None:

@@ -18,15 +18,20 @@ FINAL = frozenset({"done", "error", "cancelled"})
 # Create a job record and, for a chat session, queue it behind the session's
 # earlier jobs; put the job's broker message on the Celery queue when it may
 # start now, so that a submit is one call (no producer round trip of its own).
+# A job that may start now enters the unstarted index (see TRACK) even when
+# the caller sends its message, so that a producer dying before it sends
+# loses nothing either.
 # KEYS[1] job hash, KEYS[2] session list (a dummy key when there is no session),
-# KEYS[3] the Celery queue's list (its depth; the message goes on it)
+# KEYS[3] the Celery queue's list (its depth; the message goes on it),
+# KEYS[4] unstarted-jobs zset
 # ARGV[1] TTL seconds, ARGV[2] session name ('' for none), ARGV[3] the broker
 # message ('' to enqueue it elsewhere), ARGV[4..] field, value…
 # Returns {session jobs ahead of this one (0 = may start now), jobs waiting in the queue}.
 CREATE = """
 local t = redis.call('TIME')
-redis.call('HSET', KEYS[1], 'created_ms', t[1] * 1000 + math.floor(t[2] / 1000),
-           'status', 'queued', unpack(ARGV, 4))
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+redis.call('HSET', KEYS[1], 'created_ms', now, 'queued_ms', now, 'status', 'queued',
+           unpack(ARGV, 4))
 redis.call('EXPIRE', KEYS[1], ARGV[1])
 local waiting = redis.call('LLEN', KEYS[3])
 local ahead = 0
@@ -34,8 +39,61 @@ if ARGV[2] ~= '' then
   ahead = redis.call('RPUSH', KEYS[2], string.sub(KEYS[1], -32)) - 1
   redis.call('EXPIRE', KEYS[2], ARGV[1])
 end
-if ahead == 0 and ARGV[3] ~= '' then redis.call('LPUSH', KEYS[3], ARGV[3]) end
+if ahead == 0 then
+  if ARGV[3] ~= '' then redis.call('LPUSH', KEYS[3], ARGV[3]) end
+  redis.call('ZADD', KEYS[4], now, string.sub(KEYS[1], -32))
+  redis.call('EXPIRE', KEYS[4], ARGV[1])
+end
 return {ahead, waiting}
+"""
+
+# Enter a job in the unstarted index as its message is sent (a re-run, a chat
+# session's next job, a job its creator did not enqueue): scored now, and the
+# job's queued_ms reset, which the back-off of CLAIM_UNSTARTED counts from.
+# KEYS[1] job hash, KEYS[2] unstarted zset.  ARGV[1] job id, ARGV[2] TTL s of the zset.
+# Returns 1, or 0 when the job does not exist (nothing is entered).
+TRACK = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+redis.call('HSET', KEYS[1], 'queued_ms', now)
+redis.call('ZADD', KEYS[2], now, ARGV[1])
+redis.call('EXPIRE', KEYS[2], ARGV[2])
+return 1
+"""
+
+# Claim the jobs sent more than ARGV[1] ms ago that no attempt has started,
+# for the caller to send again; drop the entries of jobs that need nothing
+# (expired, ended, or leased by a live attempt: that attempt's death is the
+# running zset's business).  A claimed job is re-scored so that its next
+# claim comes max(grace, time it has waited so far) later: a job that waits
+# long in a busy queue gets a few duplicate messages (a doubling back-off),
+# not one per grace period; a duplicate does nothing (START refuses it).
+# KEYS[1] unstarted zset. ARGV[1] grace ms, ARGV[2] max jobs, ARGV[3] job key
+# prefix, ARGV[4] lease key suffix (after the job key).
+# Returns {job id, queue, job id, queue, ...}.  (The job and lease keys are
+# derived, not declared: Sluice runs on a single Redis, not a cluster.)
+CLAIM_UNSTARTED = """
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local grace = tonumber(ARGV[1])
+local ids = redis.call('ZRANGE', KEYS[1], '-inf', now - grace, 'BYSCORE', 'LIMIT', 0, ARGV[2])
+local out = {}
+for _, id in ipairs(ids) do
+  local job = ARGV[3] .. id
+  local f = redis.call('HMGET', job, 'status', 'queue', 'queued_ms', 'created_ms')
+  local status = f[1]
+  if not status or status == 'done' or status == 'error' or status == 'cancelled'
+     or redis.call('EXISTS', job .. ARGV[4]) == 1 then
+    redis.call('ZREM', KEYS[1], id)
+  else
+    local waited = now - tonumber(f[3] or f[4] or now)
+    redis.call('ZADD', KEYS[1], now + math.max(0, waited - grace), id)
+    out[#out + 1] = id
+    out[#out + 1] = f[2] or ''
+  end
+end
+return out
 """
 
 # Take a finished job off the head of its session and name the next one,
@@ -68,14 +126,17 @@ return 1
 # Start an attempt at a job: take its lease (unless another attempt holds it
 # or the job has ended), record that it runs, and return its record, all in
 # one round trip.  The deadline in the running zset is what the reaper
-# watches.  A call retried after a lost reply (the lease is already ours)
-# returns the record without counting a second attempt.
-# KEYS[1] job hash, KEYS[2] lease, KEYS[3] running zset.
+# watches; whatever the outcome, the job leaves the unstarted index (a job
+# held by a live attempt is the running zset's business).  A call retried
+# after a lost reply (the lease is already ours) returns the record without
+# counting a second attempt.
+# KEYS[1] job hash, KEYS[2] lease, KEYS[3] running zset, KEYS[4] unstarted zset.
 # ARGV[1] token, ARGV[2] lease TTL ms, ARGV[3] job id.
 # Returns {1, field, value, ...} (the record, attempts and started_ms updated)
 # when the lease is ours; {0} when another attempt holds it; {-1, owner,
 # session} when the job has ended; {-2} when it does not exist.
 START = """
+redis.call('ZREM', KEYS[4], ARGV[3])
 if redis.call('EXISTS', KEYS[1]) == 0 then return {-2} end
 local status = redis.call('HGET', KEYS[1], 'status')
 if status == 'done' or status == 'error' or status == 'cancelled' then
@@ -210,6 +271,8 @@ class JobStore:
         self._release = client.register_script(RELEASE)
         self._cancel = client.register_script(CANCEL)
         self._claim = client.register_script(CLAIM_ORPHANS)
+        self._track = client.register_script(TRACK)
+        self._claim_unstarted = client.register_script(CLAIM_UNSTARTED)
 
     def create(self, spec: JobSpec, job_id: str | None = None, message: str = ""
                ) -> tuple[str, int]:
@@ -218,6 +281,7 @@ class JobStore:
         :param message: the job's broker message (see :class:`tasks.queue.TaskMessages`),
             pushed onto ``spec.queue`` in the same call when the job may start now
             (no session, or the session's first); empty: the caller enqueues.
+            Either way a job that may start now enters the unstarted index.
         :return: the job id and its position: how many of its session's jobs run
             before it, or for a job without a session, how many jobs wait in its queue.
         """
@@ -235,7 +299,8 @@ class JobStore:
             fields["session"] = spec.session
         flat = [x for kv in fields.items() for x in kv]
         session_key = keys.session(spec.owner, spec.session) if spec.session else keys.job(job_id)
-        ahead, waiting = self._create(keys=[keys.job(job_id), session_key, spec.queue],
+        ahead, waiting = self._create(keys=[keys.job(job_id), session_key, spec.queue,
+                                            keys.UNSTARTED],
                                       args=[self.ttl_s, spec.session or "", message, *flat])
         return job_id, int(ahead if spec.session else waiting)
 
@@ -283,7 +348,8 @@ class JobStore:
         Counts the attempt and, on the first, records ``started_ms`` (Redis
         time, like ``created_ms``).  Nothing changes unless the lease is taken.
         """
-        raw = self._start(keys=[keys.job(job_id), keys.lease(job_id), keys.RUNNING],
+        raw = self._start(keys=[keys.job(job_id), keys.lease(job_id), keys.RUNNING,
+                                keys.UNSTARTED],
                           args=[token, ttl_ms, job_id])
         code = int(raw[0])
         if code == 1:
@@ -314,6 +380,22 @@ class JobStore:
     def claim_orphans(self, grace_ms: int, limit: int = 100) -> list[str]:
         """Claim jobs whose lease ran out without being released; return their ids."""
         return [i.decode() for i in self._claim(keys=[keys.RUNNING], args=[grace_ms, limit])]
+
+    def track_unstarted(self, job_id: str) -> bool:
+        """Enter a job whose message is being sent in the unstarted index; whether it exists."""
+        return bool(self._track(keys=[keys.job(job_id), keys.UNSTARTED],
+                                args=[job_id, self.ttl_s]))
+
+    def claim_unstarted(self, grace_ms: int, limit: int = 100) -> list[tuple[str, str]]:
+        """Claim jobs sent over ``grace_ms`` ago that never started; return ``(id, queue)`` pairs.
+
+        Entries of jobs that ended, expired or run are dropped instead; each
+        claimed job backs off (see :data:`CLAIM_UNSTARTED`).
+        """
+        lease_suffix = keys.lease("").removeprefix(keys.job(""))
+        raw = self._claim_unstarted(keys=[keys.UNSTARTED],
+                                    args=[grace_ms, limit, keys.job(""), lease_suffix])
+        return [(_text(raw[i]), _text(raw[i + 1])) for i in range(0, len(raw), 2)]
 
     def forget_running(self, job_id: str) -> None:
         """Drop a job from the running set (it has ended or expired)."""

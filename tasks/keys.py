@@ -16,6 +16,7 @@ sluice:running                zset      job id -> lease deadline (ms) of running
 sluice:cancels                channel   ids of jobs whose cancel was just requested
 sluice:relay:{uuid}           channel   a front end's own channel; keeps its pub/sub alive
 sluice:revoked                channel   ids of API keys just revoked; front ends close their sockets
+sluice:unstarted              zset      job id -> ms sent (or backed off to): sent, never started
 ============================  ========  ==============================================
 
 Admission control (API keys, token buckets, usage).  API keys live until
@@ -136,6 +137,12 @@ WAKE_SUFFIX = ":wake"
 def job_id_of_wake(channel: str) -> str:
     """Invert :func:`wake`."""
     return channel[len(WAKE_PREFIX):-len(WAKE_SUFFIX)]
+
+
+#: Jobs whose broker message was sent and which no attempt has started yet,
+#: scored by when it was sent (ms; later when the reaper backs off): a message
+#: taken by a worker killed before it leased its job is sent again from here.
+UNSTARTED = f"{PREFIX}unstarted"
 
 
 # -- admission control ------------------------------------------------------

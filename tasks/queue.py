@@ -20,7 +20,7 @@ import redis
 from celery import Celery
 from celery.utils.nodenames import anon_nodename
 
-from tasks.budget import Budget
+from tasks.budget import Bill, Budget
 from tasks.config import Settings
 from tasks.events import EventLog
 from tasks.jobs import JOB_ID, JobStore
@@ -125,7 +125,20 @@ class Dispatcher:
         self.budget = budget
 
     def send(self, job_id: str, queue: str) -> None:
-        """Put one message for ``job_id`` on ``queue``.
+        """Put one message for ``job_id`` on ``queue``, and watch that some attempt starts it.
+
+        The job enters the unstarted index first: should the message be lost
+        (taken by a worker that dies before it leases the job, or this
+        process dying before it sends), the reaper sends it again
+        (:meth:`resend`).
+
+        :raises Exception: whatever the broker (or Redis) raises when it cannot take it.
+        """
+        self.jobs.track_unstarted(job_id)
+        self.celery.send_task(TASK_NAME, args=[job_id], queue=queue)
+
+    def resend(self, job_id: str, queue: str) -> None:
+        """Send one more message for a job the unstarted index holds (its back-off is kept).
 
         :raises Exception: whatever the broker raises when it cannot take it.
         """
@@ -174,9 +187,14 @@ class Dispatcher:
             log.warning("could not refund job %s; its slot expires on its own", job_id)
 
     def _fail(self, job_id: str, message: str) -> None:
+        """End a job that never started with an error, refunding it in the same call."""
+        body = {"code": "unavailable", "message": message}
         try:
-            self.events.append(job_id, "error", {"code": "unavailable", "message": message},
-                               status="error")
+            owner = self.jobs.owner_of(job_id)
+            if owner is not None:
+                self.events.append(job_id, "error", body, status="error",
+                                   bill=Bill(owner, 0, 0, self.budget.usage_ttl_s))
+                return
         except redis.RedisError:
             log.warning("could not log the failure of job %s", job_id)
-        self.refund(job_id)
+        self.refund(job_id)  # the record is gone (or Redis is): settle without it

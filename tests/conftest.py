@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from typing import Any
 import pytest
 import redis
 import websocket
+from kombu import Connection
 
 from app.apikeys import KeyStore
 from app.cli.dev.redis_server import RedisServer, free_port
@@ -335,3 +337,38 @@ def text_of(events: list[dict[str, Any]]) -> str:
         elif e["type"] == "token":
             text += e["text"]
     return text
+
+
+# -- RabbitMQ as the Celery broker ---------------------------------------------------------------
+
+#: The RabbitMQ the amqp tests use; the tests start none and skip when it does not answer.
+AMQP_URL = os.environ.get("SLUICE_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672//")
+
+
+@pytest.fixture(scope="session")
+def amqp_url() -> str:
+    """The test RabbitMQ's URL (``SLUICE_TEST_AMQP_URL``), or skip the test when it does not answer."""
+    try:
+        with Connection(AMQP_URL, connect_timeout=3) as conn:
+            conn.ensure_connection(max_retries=1)
+    except Exception as e:  # noqa: BLE001 - whatever the reason, there is no broker to test on
+        pytest.skip(f"no RabbitMQ answers at {AMQP_URL} ({e!r}); set SLUICE_TEST_AMQP_URL "
+                    "to run the amqp broker tests")
+    return AMQP_URL
+
+
+@pytest.fixture(scope="module")
+def amqp_env(sluice_env: dict[str, str], amqp_url: str) -> Iterator[dict[str, str]]:
+    """The session's settings with RabbitMQ as the broker, on queues no other test run uses.
+
+    Redis still keeps event logs, jobs and limits.  The queues are deleted
+    afterwards (Celery declares them durable).
+    """
+    tag = uuid.uuid4().hex[:8]
+    env = {**sluice_env, "SLUICE_BROKER_URL": amqp_url, "SLUICE_METRICS_PORT": "0",
+           "SLUICE_QUEUE": f"sluice-test-{tag}", "SLUICE_BULK_QUEUE": f"sluice-test-{tag}-bulk"}
+    yield env
+    with Connection(amqp_url, connect_timeout=3) as conn:
+        channel = conn.default_channel
+        for queue in (env["SLUICE_QUEUE"], env["SLUICE_BULK_QUEUE"]):
+            channel.queue_delete(queue)

@@ -75,28 +75,34 @@ def test_direct_mode_measures_the_mock_timing(timed_mock: str, tmp_path: Path) -
 
 
 def test_start_stack_reports_added_latency_cpu_and_files(tmp_path: Path) -> None:
-    """A private stack, 20 sockets at once, compared with the mock: no loss, CPU per token, files."""
-    run = bench("--start-stack", "--compare-direct", "--sockets", "20", "--webs", "2",
+    """A private stack, 20 sockets at once, over WebSocket and HTTP/SSE, compared with the mock: no loss, CPU per token, files."""
+    run = bench("--start-stack", "--compare-direct", "--http", "--sockets", "20", "--webs", "2",
                 "--mock-ttft-ms", "50", "--mock-itl-ms", "10", "--mock-output-tokens", "10",
                 "--output-tokens", "10", "--worker-concurrency", "50", "--warmup", "2",
                 "--out", str(tmp_path))
     assert run.returncode == 0, run.stderr
     data = results(tmp_path)
     sluice, direct = step(data, "sockets=20", "sluice"), step(data, "sockets=20", "direct")
-    for s in (sluice, direct):
+    http = step(data, "sockets=20", "http")  # the openai SDK against Sluice's /v1
+    for s in (sluice, http, direct):
         agg = s["aggregate"]
         assert agg["ok"] == 20 and agg["errors"] == {}, agg["errors"]
         assert (agg["lost"], agg["dup"], agg["mismatch"]) == (0, 0, 0)
         assert agg["tokens"] == 200
     assert sluice["cpu"]["us_per_token"] > 0 and set(sluice["cpu"]["seconds"]) == {
         "redis", "worker", "web"}
+    assert http["cpu"]["us_per_token"] > 0 and set(http["cpu"]["seconds"]) == {
+        "redis", "worker", "web"}
     assert direct["cpu"] is None
     assert data["added"]["0"]["ttft_ms"]["p50"] is not None
+    assert data["added_http"]["0"]["ttft_ms"]["p50"] is not None
     assert len(data["stack"]["urls"]) == 2  # sockets alternate between the two front ends
     with (tmp_path / "summary.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert [(r["label"], r["target"]) for r in rows] == [("sockets=20", "sluice"),
+                                                         ("sockets=20", "http"),
                                                          ("sockets=20", "direct")]
+    assert rows[1]["added_ttft_p50_ms"] != ""
     html = (tmp_path / "report.html").read_text()
     assert html.count("<svg") >= 3 and "http://" not in html.split("<body>")[0]
     assert "<script" not in html and "<link" not in html and "<img" not in html

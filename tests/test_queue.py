@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import functools
+import signal
+import threading
 import uuid
+from typing import Any
 
+import pytest
 import redis
 
 from app.cli.dev.redis_server import RedisServer
 from app.frontend import FrontEnd
+from tasks import keys
 from tasks.config import Settings
+from tasks.events import EventLog
 from tasks.jobs import JobSpec, JobStore
 from tasks.queue import TASK_NAME, TaskMessages, make_celery
 
@@ -54,3 +61,67 @@ def test_front_end_enqueues_through_celery_unless_the_broker_is_its_redis() -> N
     for broker in ("amqp://guest@127.0.0.1:1//", "redis://127.0.0.1:2/0"):
         front = FrontEnd.build(Settings(redis_url=redis_url, broker_url=broker))
         assert front.intake.messages is None, broker
+
+
+def test_unstarted_index_resends_with_back_off_and_forgets_started_and_ended_jobs(
+        r: redis.Redis) -> None:
+    """A job sent and never started is claimed for a re-send, then not again until it has waited as long again; START and the job's end take it out, a vanished job is dropped."""
+    jobs = JobStore(r, 60)
+    events = EventLog(r, 60)
+    queue = "unstarted-" + uuid.uuid4().hex[:8]
+    spec = JobSpec(model="mock-1", messages=[], max_tokens=1, queue=queue)
+    waiting, started, ended, vanished = (jobs.create(spec)[0] for _ in range(4))
+
+    def mine(claimed: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        # The session's Redis may hold other tests' unstarted jobs.
+        return [c for c in claimed if c[1] == queue]
+    try:
+        assert {j for j in (waiting, started, ended, vanished)
+                if r.zscore(keys.UNSTARTED, j) is not None} == {waiting, started, ended, vanished}
+        assert jobs.start(started, "token", 10_000).outcome == "started"
+        events.append(ended, "error", {"code": "unavailable", "message": "x"}, status="error")
+        r.delete(keys.job(vanished))
+        assert r.zscore(keys.UNSTARTED, started) is None
+        assert r.zscore(keys.UNSTARTED, ended) is None
+        # Pretend the job has waited 10 s: its next claim comes 10 s later, not one grace later.
+        r.hset(keys.job(waiting), "queued_ms", int(r.zscore(keys.UNSTARTED, waiting) or 0) - 10_000)
+        assert mine(jobs.claim_unstarted(grace_ms=0)) == [(waiting, queue)]
+        assert r.zscore(keys.UNSTARTED, vanished) is None
+        assert mine(jobs.claim_unstarted(grace_ms=0)) == [], "claimed again before its back-off"
+        # A re-send through the dispatcher's path starts the wait afresh.
+        assert jobs.track_unstarted(waiting)
+        assert mine(jobs.claim_unstarted(grace_ms=0)) == [(waiting, queue)]
+        assert not jobs.track_unstarted(vanished)
+        assert r.zscore(keys.UNSTARTED, vanished) is None
+    finally:
+        r.zrem(keys.UNSTARTED, waiting, started, ended, vanished)
+        r.delete(*(keys.job(j) for j in (waiting, started, ended, vanished)))
+
+
+def test_redis_client_times_out_a_stalled_reply_but_not_an_idle_subscription() -> None:
+    """A Redis that stops answering fails a command after redis_socket_timeout_s; a subscription idle for longer keeps listening."""
+    settings_of = functools.partial(Settings, redis_socket_timeout_s=0.5)
+    with RedisServer() as server:
+        client = settings_of(redis_url=server.url).redis_client()
+        pubsub = client.pubsub(ignore_subscribe_messages=True)
+        try:
+            pubsub.subscribe("idle")
+            received: list[Any] = []
+            listener = threading.Thread(target=lambda: received.append(next(pubsub.listen())))
+            listener.start()
+            listener.join(1.5)  # three timeouts' worth of silence
+            assert listener.is_alive() and not received
+            client.publish("idle", "hello")
+            listener.join(10)
+            assert received and received[0]["data"] == b"hello"
+            assert server.process is not None
+            server.process.send_signal(signal.SIGSTOP)
+            try:
+                with pytest.raises(redis.TimeoutError):
+                    client.ping()
+            finally:
+                server.process.send_signal(signal.SIGCONT)
+            assert client.ping()
+        finally:
+            pubsub.close()
+            client.close()

@@ -443,6 +443,35 @@ def test_message_taken_by_a_worker_that_died_is_delivered_again(
     ledger.assert_settled(ev[-1]["usage"]["prompt_tokens"], 5)
 
 
+def test_job_whose_message_was_lost_is_sent_again(
+        start_proc: Callable[..., Proc], failing_env: dict[str, str], failing_web: str,
+        ledger: Ledger, r: redis.Redis, connect: Callable[..., Client]) -> None:
+    """A job whose message vanished before any attempt leased it is sent again from the unstarted index."""
+    c = connect(failing_web, key=ledger.raw)
+    c.send(type="generate", prompt="sent again", max_tokens=5)
+    job_id = ledger.submitted(c.recv())
+    # A consumer takes the message, acks it and dies: no broker holds it any more
+    # (what a message lost between kombu's BRPOP and its unacked bookkeeping looks like).
+    taker = ("import os\nfrom kombu import Connection\n"
+             f"with Connection({failing_env['REDIS_URL']!r}) as conn:\n"
+             f"    conn.SimpleQueue({failing_env['SLUICE_QUEUE']!r}).get(timeout=10).ack()\n"
+             "    os._exit(0)\n")
+    subprocess.run([sys.executable, "-c", taker], check=True, timeout=30)
+    queue = failing_env["SLUICE_QUEUE"]
+    assert unacked(r, queue) == 0 and r.llen(queue) == 0
+    assert r.hget(keys.job(job_id), "status") == b"queued"
+    assert r.zscore(keys.UNSTARTED, job_id) is not None
+    worker = start_worker(start_proc, {**failing_env, "SLUICE_UNSTARTED_GRACE_S": "1"}, "resend")
+    try:
+        ev = c.finish({job_id})[job_id]
+    finally:
+        worker.stop()
+    assert contiguous(ev) and ev[-1]["type"] == "done" and ev[-1]["metrics"]["attempts"] == 1
+    assert text_of(ev) == expected_text("sent again", 5, SLOW_CONFIG)
+    assert r.zscore(keys.UNSTARTED, job_id) is None
+    ledger.assert_settled(ev[-1]["usage"]["prompt_tokens"], 5)
+
+
 # -- Redis outage -----------------------------------------------------------------------------------
 
 class DurableRedis:

@@ -216,7 +216,8 @@ def _start_housekeeping(sender: object, **_: object) -> None:
 
     rt: WorkerRuntime = sender.app.sluice  # type: ignore[attr-defined]
     rt.warm()
-    metrics.serve(rt.settings.metrics_port, lambda: len(rt.attempts), rt.router)
+    metrics.serve(rt.settings.metrics_port, lambda: len(rt.attempts), rt.router,
+                  host=rt.settings.host)
     queues = sorted(sender.app.amqp.queues.consume_from or sender.app.amqp.queues)  # type: ignore[attr-defined]
     gevent.spawn(announce_queues, rt, queues)
     gevent.spawn(keep_leases, rt)

@@ -1,4 +1,4 @@
-"""Worker housekeeping: re-enqueue jobs whose worker died, and stop cancelled ones at once.
+"""Worker housekeeping: re-enqueue jobs whose worker died or never came; stop cancelled ones.
 
 A dead worker's jobs: their lease ran out without being released.  Every
 worker process renews the leases of its running jobs every third of a lease
@@ -7,14 +7,20 @@ that ran out every sixth of a lease; a Lua claim makes sure each orphan is
 re-enqueued by one reaper only.  With the default 3 s lease, a killed
 worker's jobs restart about 3 s after the kill (README, "Reliability").
 
-Celery's Redis transport keeps a message that a worker took but never acked
-(it died) in its unacked hash, to be delivered again after the visibility
-timeout; by then the reaper has re-run the job (or it has ended), and the
-late copy does nothing.  It matters for a worker killed between taking a
-message and leasing its job: nothing else would run that job.  kombu looks
-for such messages only when a consumer's poll comes back empty, which a
-gevent worker's never does (its BRPOP always answers first), so the reaper
-asks for the sweep itself (:func:`restore_unacked`).
+A job whose message was lost before any attempt leased it (taken by a
+worker killed before the lease, lost between kombu's BRPOP and its unacked
+bookkeeping, or never sent by a producer that died) has no lease to run out:
+the unstarted index (:data:`tasks.keys.UNSTARTED`) holds every job sent and
+not yet started, and the reaper sends again those older than
+``unstarted_grace_s`` (:func:`resend_unstarted`), with any broker.
+
+Celery's Redis transport also keeps a message that a worker took but never
+acked (it died) in its unacked hash, to be delivered again after the
+visibility timeout; by then the job has been re-run or has ended, and the
+late copy does nothing.  kombu looks for such messages only when a
+consumer's poll comes back empty, which a gevent worker's never does (its
+BRPOP always answers first), so the reaper asks for the sweep itself
+(:func:`restore_unacked`), which keeps the unacked hash from growing.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from __future__ import annotations
 import logging
 import time
 from typing import TYPE_CHECKING
+from urllib.parse import urlparse
 
 import gevent
 import redis
@@ -51,16 +58,19 @@ def reap_forever(rt: WorkerRuntime) -> None:
     the messages left unacked past the visibility timeout.
     """
     restore_period_s = min(RESTORE_PERIOD_S, rt.settings.visibility_timeout_s / 2)
+    # Only kombu's Redis transport has an unacked hash to sweep; AMQP brokers
+    # hand back a dead consumer's messages themselves.
+    redis_broker = urlparse(rt.settings.broker).scheme in ("redis", "rediss")
     next_sample = next_restore = 0.0
     while True:
         gevent.sleep(rt.settings.reaper_period_s)
         try:
             reap_once(rt)
+            resend_unstarted(rt)
             if time.monotonic() >= next_sample:
                 next_sample = time.monotonic() + QUEUE_DEPTH_PERIOD_S
-                metrics.QUEUE_DEPTH.labels(rt.settings.queue).set(
-                    rt.redis.llen(rt.settings.queue))
-            if time.monotonic() >= next_restore:
+                metrics.QUEUE_DEPTH.labels(rt.settings.queue).set(queue_depth(rt))
+            if redis_broker and time.monotonic() >= next_restore:
                 next_restore = time.monotonic() + restore_period_s
                 restore_unacked(rt)
         except (redis.RedisError, OperationalError) as e:  # an outage: say so, briefly
@@ -86,6 +96,32 @@ def reap_once(rt: WorkerRuntime) -> list[str]:
         log.warning("job %s lost its worker; re-enqueueing it on %r", job_id, job.spec.queue)
         rt.dispatcher.send(job_id, job.spec.queue)
     return orphans
+
+
+def queue_depth(rt: WorkerRuntime) -> int:
+    """How many messages wait on the process's generation queue, on whichever broker."""
+    if rt.settings.broker == rt.settings.redis_url:
+        return int(rt.redis.llen(rt.settings.queue))  # kombu's Redis transport: a list
+    # A channel of its own: a passive declare of a missing queue closes its channel.
+    with rt.dispatcher.celery.pool.acquire(block=True) as conn, conn.channel() as channel:
+        try:
+            return int(channel.queue_declare(rt.settings.queue, passive=True).message_count)
+        except conn.channel_errors:  # not declared yet: nothing waits
+            return 0
+
+
+def resend_unstarted(rt: WorkerRuntime) -> list[str]:
+    """Send again the jobs sent over ``unstarted_grace_s`` ago that no attempt started.
+
+    A copy of a job that starts meanwhile does nothing; the claim makes one
+    reaper send each, and backs off for jobs that wait long (see
+    :data:`tasks.jobs.CLAIM_UNSTARTED`).  Returns the ids sent again.
+    """
+    claimed = rt.jobs.claim_unstarted(grace_ms=round(rt.settings.unstarted_grace_s * 1000))
+    for job_id, queue in claimed:
+        log.warning("job %s was sent but never started; sending it again on %r", job_id, queue)
+        rt.dispatcher.resend(job_id, queue or rt.settings.queue)
+    return [job_id for job_id, _ in claimed]
 
 
 def restore_unacked(rt: WorkerRuntime) -> None:

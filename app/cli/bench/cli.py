@@ -60,6 +60,10 @@ def _stack_options(f: Any) -> Any:
               metavar="[BASE_URL]",
               help="Also send the same load straight to the model and report Sluice's added "
                    "latency (with --start-stack the URL defaults to the stack's mock).")
+@click.option("--http", is_flag=True,
+              help="Also run each step through Sluice's OpenAI-compatible HTTP API "
+                   "(/v1/chat/completions streamed as SSE, with the openai SDK) on the same "
+                   "front ends, and report its added latency beside the WebSocket's.")
 @click.option("--api-key", envvar="SLUICE_API_KEY", help="Sent as 'Authorization: Bearer' "
               "on the WebSocket handshake.")
 @click.option("--direct-api-key", envvar="OPENAI_API_KEY", default="sk-bench",
@@ -123,6 +127,7 @@ def bench(**kw: Any) -> None:
     \b
     Examples:
       sluice bench --start-stack --compare-direct --sockets 1 --sockets 100
+      sluice bench --start-stack --compare-direct --http --sockets 1 --sockets 200
       sluice bench --url ws://127.0.0.1:8000/ws --sweep concurrency:1,10,100
       sluice bench --direct http://127.0.0.1:8001/v1 --poisson 5 --burstiness 0.5
     """
@@ -191,6 +196,9 @@ def build_config(kw: dict[str, Any]) -> BenchConfig:
             raise BenchError("with --url, give the model's URL: --compare-direct BASE_URL")
         if compare != AUTO:
             direct_url = compare
+    if kw["http"] and kw["direct_url"]:
+        raise BenchError("--http runs Sluice's HTTP API beside its WebSocket: give --url or "
+                         "--start-stack")
     for url in kw["urls"]:
         if not url.startswith(("ws://", "wss://")):
             raise BenchError(f"--url {url!r}: expected ws://HOST:PORT/ws or wss://…")
@@ -225,7 +233,7 @@ def build_config(kw: dict[str, Any]) -> BenchConfig:
                              kw["mock_output_tokens"], tuple(env))
     return BenchConfig(
         steps=steps, urls=tuple(kw["urls"]), direct_url=direct_url, start_stack=stack,
-        compare_direct=compare is not None, api_key=kw["api_key"],
+        compare_direct=compare is not None, http=kw["http"], api_key=kw["api_key"],
         direct_api_key=kw["direct_api_key"] or "sk-bench", model=kw["model"],
         direct_model=kw["direct_model"], input_tokens=kw["input_tokens"],
         output_tokens=kw["output_tokens"], prompts_file=kw["prompts_file"], seed=kw["seed"],

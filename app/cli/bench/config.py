@@ -87,6 +87,8 @@ class BenchConfig:
     direct_url: str | None = None
     start_stack: StackOptions | None = None
     compare_direct: bool = False
+    #: Also run each step through Sluice's OpenAI-compatible HTTP API (SSE, the openai SDK).
+    http: bool = False
     api_key: str | None = None
     direct_api_key: str = "sk-bench"
     model: str = "mock-1"

@@ -1,4 +1,8 @@
-"""The direct target: any OpenAI-compatible endpoint, streamed with the official SDK."""
+"""The direct target: any OpenAI-compatible endpoint, streamed with the official SDK.
+
+The same client is the ``http`` target: Sluice's own OpenAI-compatible API
+(``/v1/chat/completions``, Server-Sent Events) with a Sluice key.
+"""
 
 from __future__ import annotations
 
@@ -33,9 +37,11 @@ class DirectClient:
         await client.request(stream, t_step0, timeout_s=60)
     """
 
-    def __init__(self, base_url: str, api_key: str, model: str,
+    def __init__(self, base_url: str | tuple[str, ...], api_key: str, model: str,
                  counted: Callable[[str], int] | None) -> None:
-        self.base_url = base_url
+        # Several base URLs (Sluice's front ends) share the lanes round robin.
+        urls = (base_url,) if isinstance(base_url, str) else base_url
+        self.base_url = ", ".join(urls)
         self.model = model
         self.counted = counted
         # httpx's pool walks all its connections whenever a request starts or
@@ -44,11 +50,11 @@ class DirectClient:
         # own pool, sharing one TLS context (loading the CAs takes ~20 ms).
         tls = httpx2.create_ssl_context(trust_env=False)
         self.clients = [openai.AsyncOpenAI(
-            base_url=base_url, api_key=api_key, max_retries=0,
+            base_url=urls[i % len(urls)], api_key=api_key, max_retries=0,
             http_client=openai.DefaultAsyncHttpxClient(
                 limits=httpx2.Limits(max_connections=None, max_keepalive_connections=4096),
                 verify=tls, trust_env=False))
-            for _ in range(POOLS)]
+            for i in range(POOLS)]
 
     async def request(self, stream: Stream, t_step0: float, timeout_s: float) -> None:
         """Stream one chat completion, timing every chunk that carries text."""

@@ -77,10 +77,19 @@ def cost_rows(result: BenchResult) -> Rows:
 
 
 def added_rows(result: BenchResult) -> Rows:
-    """Headers and rows of Sluice's added latency (Sluice minus direct) per step."""
+    """Headers and rows of Sluice's added latency (Sluice minus direct) per step and path.
+
+    The ``sluice`` rows are the WebSocket path; ``http`` rows (``--http``) the
+    OpenAI-compatible API, streamed as SSE.
+    """
     rows = []
-    for i, a in sorted(result.added.items()):
+    both = sorted([(i, "sluice", a) for i, a in result.added.items()] +
+                  [(i, "http", a) for i, a in result.added_http.items()],
+                  key=lambda x: (x[0], x[1] != "sluice"))
+    for i, target, a in both:
         label = next(s.step.label for s in result.steps if s.index == i)
+        if result.added_http:
+            label = f"{label} {target}"
         rows.append([label, *(_f(a["ttft_ms"].get(p)) for p in ("p50", "p90", "p95", "p99")),
                      _f(a["tpot_ms"].get("p50"), 2), _f(a.get("tpot_ratio_p50"), 3),
                      _f(a["e2e_ms"].get("p50")), _f(a["e2e_ms"].get("p99"))])
@@ -154,6 +163,7 @@ def as_json(result: BenchResult) -> dict[str, Any]:
                    "value": s.step.value, "target": s.target, "interrupted": s.interrupted,
                    "aggregate": s.agg, "cpu": s.cpu, "client": s.client} for s in result.steps],
         "added": {str(k): v for k, v in result.added.items()},
+        "added_http": {str(k): v for k, v in result.added_http.items()},
         "records": [r.as_json() for s in result.steps for r in s.records],
     }
 
@@ -163,7 +173,8 @@ def csv_rows(result: BenchResult) -> list[dict[str, Any]]:
     rows = []
     for s in result.steps:
         a, cpu = s.agg, s.cpu or {}
-        added = result.added.get(s.index, {}).get("ttft_ms", {}) if s.target == "sluice" else {}
+        added = {"sluice": result.added, "http": result.added_http}.get(s.target, {}).get(
+            s.index, {}).get("ttft_ms", {})
         row: dict[str, Any] = {
             "step": s.index, "label": s.step.label, "kind": s.step.kind, "value": s.step.value,
             "target": s.target, "requests": a["requests"], "ok": a["ok"],

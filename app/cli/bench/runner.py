@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from time import perf_counter
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from app.cli.bench import cpu
 from app.cli.bench.config import BenchConfig, BenchError, Step
@@ -44,6 +45,8 @@ class BenchResult:
     config: BenchConfig
     steps: list[StepResult] = field(default_factory=list)
     added: dict[int, dict[str, Any]] = field(default_factory=dict)
+    #: The same for the ``http`` target (Sluice's OpenAI-compatible API) per step.
+    added_http: dict[int, dict[str, Any]] = field(default_factory=dict)
     stop_reason: str | None = None
     interrupted: bool = False
     stack: dict[str, Any] | None = None
@@ -62,7 +65,10 @@ class Runner:
         self.direct_url = cfg.direct_url or (stack.mock_url if stack and cfg.compare_direct
                                              else None)
         key = cfg.api_key or (stack.api_key if stack else None)
+        self.key = key
         self.headers = {"Authorization": f"Bearer {key}"} if key else {}
+        #: Sluice's OpenAI-compatible base URLs, on the same front ends as ``urls``.
+        self.http_urls = tuple(http_base(u) for u in self.urls) if cfg.http else ()
         self.fixed: list[Prompt] | None = None
         if cfg.prompts_file is not None:
             self.fixed = load_jsonl(cfg.prompts_file, cfg.output_tokens)
@@ -76,6 +82,7 @@ class Runner:
         self.idle: dict[str, float] = {}
         self._interrupts = 0
         self._measuring = False  # before the first step, Ctrl-C just quits
+        self.http: DirectClient | None = None
 
     async def run(self) -> BenchResult:
         """Run every step; return what was measured, also after Ctrl-C."""
@@ -87,6 +94,9 @@ class Runner:
         if self.direct_url:
             direct = DirectClient(self.direct_url, self.cfg.direct_api_key,
                                   self.cfg.direct_model or self.cfg.model, self.counted)
+        if self.http_urls:
+            self.http = DirectClient(self.http_urls, self.key or "", self.cfg.model,
+                                     self.counted)
         progress = asyncio.create_task(show_progress(self.counters)) if self.cfg.progress \
             else None
         try:
@@ -94,6 +104,8 @@ class Runner:
                 await probe(url, self.headers)
             if direct is not None:
                 await direct.probe()
+            if self.http is not None:
+                await self.http.probe()
             self.counters.label = "warming up"
             await self._warm_up(direct)
             if self.stack is not None:
@@ -106,6 +118,8 @@ class Runner:
                 await asyncio.gather(progress, return_exceptions=True)
             if direct is not None:
                 await direct.close()
+            if self.http is not None:
+                await self.http.close()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
         return self.result
@@ -126,9 +140,14 @@ class Runner:
         self._measuring = True
         for i, step in enumerate(self.cfg.steps):
             res = await self._run_step(i, step, primary, direct)
+            over_http = None
+            if self.http is not None and not self.stop.is_set():
+                over_http = await self._run_step(i, step, "http", self.http)
             if direct is not None and primary == "sluice" and not self.stop.is_set():
                 other = await self._run_step(i, step, "direct", direct)
                 self.result.added[i] = added_latency(res.agg, other.agg)
+                if over_http is not None:
+                    self.result.added_http[i] = added_latency(over_http.agg, other.agg)
             if self.stop.is_set():
                 return
             if self.cfg.sweep:
@@ -160,7 +179,8 @@ class Runner:
 
         lanes_wanted = step.streams if step.kind in ("sockets", "concurrency") \
             else self.cfg.connections
-        roles = self.stack.roles() if self.stack is not None and target == "sluice" else {}
+        roles = self.stack.roles() if self.stack is not None and target in ("sluice", "http") \
+            else {}
         if roles and self.stack is not None:
             roles["mock"] = self.stack.mock_pids()  # reported beside, never in the figure
         cpu0 = cpu.snapshot(roles)
@@ -171,6 +191,9 @@ class Runner:
             conns = await open_conns(self.urls, lanes_wanted, self.cfg.model, self.headers,
                                      self.counted)
             lanes = conns
+        elif target == "http":
+            assert self.http is not None
+            lanes = [self.http] * lanes_wanted
         else:
             assert direct is not None
             lanes = [direct] * lanes_wanted
@@ -222,6 +245,8 @@ class Runner:
             conns = await open_conns(self.urls, max(n, len(self.urls)), self.cfg.model,
                                      self.headers, None)
             targets.append(("sluice", conns, conns))
+        if self.http is not None:
+            targets.append(("http", [self.http] * n, []))
         if direct is not None:
             targets.append(("direct", [direct] * n, []))
         for name, lanes, closers in targets:
@@ -233,7 +258,8 @@ class Runner:
             await asyncio.gather(*(c.close() for c in closers))
             failed = [s.rec for s in streams if not s.rec.ok]
             if len(failed) == len(streams):
-                where = ", ".join(self.urls) if name == "sluice" else self.direct_url
+                where = {"sluice": ", ".join(self.urls), "http": ", ".join(self.http_urls)
+                         }.get(name, self.direct_url)
                 raise BenchError(f"every warm-up request to {where} failed: "
                                  f"{failed[0].error}: {failed[0].message}")
 
@@ -246,3 +272,10 @@ class Runner:
         await asyncio.sleep(seconds)
         used = cpu.delta(before, cpu.snapshot(roles))
         self.idle = {k: v / (perf_counter() - t) for k, v in used.items()}
+
+
+def http_base(ws_url: str) -> str:
+    """The OpenAI-compatible base URL of the front end at ``ws_url`` (``ws://h:p/ws`` → ``http://h:p/v1``)."""
+    parts = urlsplit(ws_url)
+    scheme = "https" if parts.scheme == "wss" else "http"
+    return urlunsplit((scheme, parts.netloc, "/v1", "", ""))
