@@ -8,7 +8,7 @@ from app.admission import Admission
 from app.apikeys import KeyInfo
 from tasks.jobs import JobSpec, JobStore
 from tasks.limits import Limits
-from tasks.queue import Dispatcher, TaskMessages
+from tasks.queue import Dispatcher, StartBatcher, TaskMessages
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,9 @@ class Intake:
 
     With ``messages`` (the broker is Sluice's Redis), a job that may start now
     is stored and enqueued by one script; otherwise :meth:`start` sends it.
+    Under gevent (gunicorn's workers), jobs without a chat session go through
+    a :class:`~tasks.queue.StartBatcher`: those submitted together share one
+    script call and one broker message.
 
     Example::
 
@@ -43,6 +46,7 @@ class Intake:
         self.jobs = jobs
         self.dispatcher = dispatcher
         self.messages = messages
+        self.batcher = StartBatcher(jobs, messages) if messages and _gevent() else None
 
     def submit(self, key: KeyInfo, spec: JobSpec, *, max_tokens_given: bool = True
                ) -> Submitted:
@@ -58,13 +62,18 @@ class Intake:
         admitted = self.admission.admit(key, spec, max_tokens_given=max_tokens_given)
         spec = admitted.spec
         try:
-            message = self.messages.render(admitted.job_id, spec.queue) if self.messages else ""
-            _, position = self.jobs.create(spec, admitted.job_id, message=message)
+            if self.batcher is not None and not spec.session:
+                position = self.batcher.create(admitted.job_id, spec)
+                enqueued = True
+            else:
+                message = self.messages.render(admitted.job_id, spec.queue) if self.messages \
+                    else ""
+                _, position = self.jobs.create(spec, admitted.job_id, message=message)
+                enqueued = bool(message) and (not spec.session or position == 0)
         except BaseException:
             # Whatever failed, nothing will ever settle this job: give its slot back now.
             self.dispatcher.refund(admitted.job_id)
             raise
-        enqueued = bool(message) and (not spec.session or position == 0)
         return Submitted(admitted.job_id, position, admitted.limits, spec, enqueued)
 
     def start(self, submitted: Submitted) -> None:
@@ -77,3 +86,10 @@ class Intake:
             return
         if not spec.session or submitted.position == 0:
             self.dispatcher.enqueue(submitted.job_id, spec.queue, spec.owner, spec.session)
+
+
+def _gevent() -> bool:
+    """Whether this process runs under gevent (its front ends do), so a batcher may wait."""
+    from gevent import monkey
+
+    return bool(monkey.is_module_patched("socket"))

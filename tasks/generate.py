@@ -18,11 +18,13 @@ import time
 import uuid
 from itertools import pairwise
 from typing import Any
+from weakref import WeakKeyDictionary
 
 import gevent
 import redis
 from celery import Task, shared_task
 from gevent.event import Event
+from gevent.lock import Semaphore
 
 from tasks.budget import Bill
 from tasks.events import Appended, LeaseLostError
@@ -43,17 +45,52 @@ class AttemptAbandonedError(RuntimeError):
 
 @shared_task(name=TASK_NAME, bind=True, acks_late=True, reject_on_worker_lost=True,  # type: ignore[untyped-decorator]
              ignore_result=True)
-def generate(self: Task, job_id: str) -> None:
-    """Run job ``job_id``: stream the provider's answer into the job's event log.
+def generate(self: Task, *job_ids: str) -> None:
+    """Run jobs ``job_ids``: stream the provider's answer into each job's event log.
 
-    Takes only the id, so brokers, logs and Flower never see prompts.  Any
-    number of copies of the message may arrive (a redelivery after a worker
-    died, the reaper's re-enqueue): a copy that finds the job ended, or leased
-    by a live attempt, does nothing (if that attempt dies, the reaper re-runs
-    the job).  If the attempt fails unexpectedly, its lease is kept until it
-    runs out, so the reaper re-runs the job.
+    Takes only ids, so brokers, logs and Flower never see prompts.  A message
+    names one job, or several that a front end submitted together
+    (:class:`tasks.queue.StartBatcher`): each runs as its own attempt, in its
+    own greenlet, with its own lease, and the task returns (and its message is
+    acked) when all have ended.  Any number of copies of a message may arrive
+    (a redelivery after a worker died, the reaper's re-send of one of its
+    jobs): a copy finds each job ended, or leased by a live attempt, and does
+    nothing for it (if that attempt dies, the reaper re-runs the job).  If an
+    attempt fails unexpectedly, its lease is kept until it runs out, so the
+    reaper re-runs the job.
+
+    At most ``worker_concurrency`` attempts run in a process at once, whatever
+    the number of ids per message: the others wait, unleased (still in the
+    unstarted index), for a place.
     """
     rt: Runtime = self.app.sluice
+    if len(job_ids) == 1:
+        run_job(rt, job_ids[0])
+        return
+    runs = [gevent.spawn(run_job, rt, job_id) for job_id in job_ids]
+    gevent.joinall(runs)
+    for run in runs:  # the first failure is the task's (Celery logs it); the others are logged
+        if run.exception is not None:
+            for other in runs:
+                if other is not run and other.exception is not None:
+                    log.error("a job of the same message failed too: %r", other.exception)
+            raise run.exception
+
+
+#: Per worker process: how many attempts may run at once (worker_concurrency).
+_slots: WeakKeyDictionary[Any, Semaphore] = WeakKeyDictionary()
+
+
+def run_job(rt: Runtime, job_id: str) -> None:
+    """Start an attempt at ``job_id`` and run it, unless it ended or another attempt holds it."""
+    slots = _slots.get(rt)
+    if slots is None:
+        slots = _slots[rt] = Semaphore(rt.settings.worker_concurrency)
+    with slots:
+        _run_job(rt, job_id)
+
+
+def _run_job(rt: Runtime, job_id: str) -> None:
     token = uuid.uuid4().hex
     start = rt.jobs.start(job_id, token, rt.settings.lease_ttl_s * 1000)
     if start.outcome == "missing":

@@ -47,6 +47,35 @@ end
 return {ahead, waiting}
 """
 
+# Create several jobs without a chat session that arrived together, and push
+# one broker message that starts them all (see tasks.queue.StartBatcher):
+# like CREATE for each, with a single LPUSH.  Each job enters the unstarted
+# index on its own, so a lost message is made good job by job.
+# KEYS[1] the Celery queue's list, KEYS[2] unstarted-jobs zset, KEYS[3..] job hashes.
+# ARGV[1] TTL seconds, ARGV[2] the broker message naming every job, then per
+# job (in KEYS order): the number n of arguments that follow, then n field, value…
+# Returns the number of jobs waiting in the queue before the message was pushed.
+CREATE_MANY = """
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local waiting = redis.call('LLEN', KEYS[1])
+local i = 3
+local scored = {}
+for k = 3, #KEYS do
+  local n = tonumber(ARGV[i])
+  redis.call('HSET', KEYS[k], 'created_ms', now, 'queued_ms', now, 'status', 'queued',
+             unpack(ARGV, i + 1, i + n))
+  redis.call('EXPIRE', KEYS[k], ARGV[1])
+  scored[#scored + 1] = now
+  scored[#scored + 1] = string.sub(KEYS[k], -32)
+  i = i + n + 1
+end
+redis.call('ZADD', KEYS[2], unpack(scored))
+redis.call('EXPIRE', KEYS[2], ARGV[1])
+redis.call('LPUSH', KEYS[1], ARGV[2])
+return waiting
+"""
+
 # Enter a job in the unstarted index as its message is sent (a re-run, a chat
 # session's next job, a job its creator did not enqueue): scored now, and the
 # job's queued_ms reset, which the back-off of CLAIM_UNSTARTED counts from.
@@ -265,6 +294,7 @@ class JobStore:
         self.redis = client
         self.ttl_s = ttl_s
         self._create = client.register_script(CREATE)
+        self._create_many = client.register_script(CREATE_MANY)
         self._advance = client.register_script(ADVANCE)
         self._start = client.register_script(START)
         self._renew = client.register_script(RENEW)
@@ -286,23 +316,37 @@ class JobStore:
             before it, or for a job without a session, how many jobs wait in its queue.
         """
         job_id = job_id or uuid.uuid4().hex
-        fields: dict[str, str] = {
-            "model": spec.model, "messages": json.dumps(spec.messages),
-            "max_tokens": str(spec.max_tokens), "owner": spec.owner, "queue": spec.queue,
-            **spec.extra,
-        }
-        if spec.temperature is not None:
-            fields["temperature"] = repr(spec.temperature)
-        if spec.seed is not None:
-            fields["seed"] = str(spec.seed)
-        if spec.session:
-            fields["session"] = spec.session
-        flat = [x for kv in fields.items() for x in kv]
+        flat = _fields(spec)
         session_key = keys.session(spec.owner, spec.session) if spec.session else keys.job(job_id)
         ahead, waiting = self._create(keys=[keys.job(job_id), session_key, spec.queue,
                                             keys.UNSTARTED],
                                       args=[self.ttl_s, spec.session or "", message, *flat])
         return job_id, int(ahead if spec.session else waiting)
+
+    def create_many_call(self, jobs: list[tuple[str, JobSpec]], message: str
+                         ) -> tuple[Any, list[str], list[Any]]:
+        """The :data:`CREATE_MANY` call (script, keys, args) storing ``jobs`` under one message.
+
+        Every job must be without a chat session and on the same queue; the
+        caller runs the call (on its own, or in a pipeline) and reads its reply
+        as the number of jobs that were waiting in the queue.
+        """
+        queue = jobs[0][1].queue
+        args: list[Any] = [self.ttl_s, message]
+        for _, spec in jobs:
+            assert not spec.session and spec.queue == queue, "one queue, no sessions"
+            flat = _fields(spec)
+            args += [len(flat), *flat]
+        return (self._create_many, [queue, keys.UNSTARTED, *(keys.job(j) for j, _ in jobs)],
+                args)
+
+    def create_many(self, jobs: list[tuple[str, JobSpec]], message: str) -> int:
+        """Store jobs without a session, all on one queue, and push ``message`` that runs them all.
+
+        :return: how many jobs waited in the queue before them.
+        """
+        script, keys_, args = self.create_many_call(jobs, message)
+        return int(script(keys=keys_, args=args))
 
     def get(self, job_id: str) -> Job | None:
         """Read a job's record, or ``None`` when it does not exist or has expired."""
@@ -405,6 +449,22 @@ class JobStore:
         """Pop a finished job off its session; return the next job to start, if any."""
         nxt = self._advance(keys=[keys.session(owner, session)], args=[job_id, keys.job("")])
         return nxt.decode() if nxt else None
+
+
+def _fields(spec: JobSpec) -> list[str]:
+    """A job record's fields as CREATE takes them: field, value, field, value…"""
+    fields: dict[str, str] = {
+        "model": spec.model, "messages": json.dumps(spec.messages),
+        "max_tokens": str(spec.max_tokens), "owner": spec.owner, "queue": spec.queue,
+        **spec.extra,
+    }
+    if spec.temperature is not None:
+        fields["temperature"] = repr(spec.temperature)
+    if spec.seed is not None:
+        fields["seed"] = str(spec.seed)
+    if spec.session:
+        fields["session"] = spec.session
+    return [x for kv in fields.items() for x in kv]
 
 
 def _job(job_id: str, record: dict[bytes, bytes] | dict[Any, Any]) -> Job | None:

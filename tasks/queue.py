@@ -13,17 +13,23 @@ import base64
 import json
 import logging
 import uuid
+from collections import deque
+from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlparse
 
+import gevent
 import redis
 from celery import Celery
+from celery.app.amqp import AMQP
 from celery.utils.nodenames import anon_nodename
+from celery.utils.saferepr import saferepr
+from gevent.event import AsyncResult, Event
 
 from tasks.budget import Bill, Budget
 from tasks.config import Settings
 from tasks.events import EventLog
-from tasks.jobs import JOB_ID, JobStore
+from tasks.jobs import JOB_ID, JobSpec, JobStore
 
 log = logging.getLogger(__name__)
 
@@ -84,29 +90,139 @@ class TaskMessages:
         return settings.broker == settings.redis_url and \
             urlparse(settings.broker).scheme in ("redis", "rediss")
 
-    def render(self, job_id: str, queue: str) -> str:
-        """The message that runs ``job_id`` on ``queue``, as the queue's list holds it.
+    def render(self, job_ids: str | Sequence[str], queue: str) -> str:
+        """The message that runs ``job_ids`` on ``queue``, as the queue's list holds it.
 
-        :raises ValueError: ``job_id`` is not a job id (it is written into the JSON as is).
+        One id gives ``send_task(TASK_NAME, args=[job_id])``'s message; several
+        give ``args=[id1, id2, ...]`` (the task takes any number of ids).
+
+        :raises ValueError: an id is not a job id (ids are written into the JSON as they are).
         """
-        if not JOB_ID.match(job_id):
-            raise ValueError(f"not a job id: {job_id!r}")
+        ids = [job_ids] if isinstance(job_ids, str) else list(job_ids)
+        if not ids or not all(JOB_ID.match(i) for i in ids):
+            raise ValueError(f"not job ids: {job_ids!r}")
         task_id = str(uuid.uuid4())
+        args = ", ".join(f'"{i}"' for i in ids)
         body = base64.b64encode(
-            f'[["{job_id}"], {{}}, {{"callbacks": null, "errbacks": null, "chain": null, '
+            f'[[{args}], {{}}, {{"callbacks": null, "errbacks": null, "chain": null, '
             f'"chord": null}}]'.encode()).decode()
+        # What Celery writes (its saferepr, cut at 1,024 characters); one id is the common case.
+        argsrepr = f"['{ids[0]}']" if len(ids) == 1 else json.dumps(
+            saferepr(ids, AMQP.argsrepr_maxsize))[1:-1]
         return (
             f'{{"body": "{body}", "content-encoding": "utf-8", '
             f'"content-type": "application/json", "headers": {{"lang": "py", '
             f'"task": "{TASK_NAME}", "id": "{task_id}", "shadow": null, "eta": null, '
             f'"expires": null, "group": null, "group_index": null, "retries": 0, '
             f'"timelimit": [null, null], "root_id": "{task_id}", "parent_id": null, '
-            f'"argsrepr": "[\'{job_id}\']", "kwargsrepr": "{{}}", "origin": {self.origin}, '
+            f'"argsrepr": "{argsrepr}", "kwargsrepr": "{{}}", "origin": {self.origin}, '
             f'"ignore_result": null, "replaced_task_nesting": 0, "stamped_headers": null, '
             f'"stamps": {{}}}}, "properties": {{"correlation_id": "{task_id}", '
             f'"reply_to": {self.reply_to}, "delivery_mode": 2, "delivery_info": '
             f'{{"exchange": "", "routing_key": {json.dumps(queue)}}}, "priority": 0, '
             f'"body_encoding": "base64", "delivery_tag": "{uuid.uuid4()}"}}}}')
+
+
+class StartBatcher:
+    """Stores the jobs a process submits and pushes one broker message per batch of them.
+
+    In the style of :class:`tasks.events.AppendBatcher`: the first job of an
+    idle period goes out at once, in its own call (no added latency); jobs
+    submitted while a call is in flight gather and go out together in the
+    next one, as one :data:`tasks.jobs.CREATE_MANY` call per queue whose
+    message names them all (at most :attr:`MAX_BATCH`).  A worker runs each id
+    of the message as its own attempt with its own lease, so a job's re-runs
+    and settling are what they are for a message of one.  Jobs of a chat
+    session do not come here (their order is the session's, see
+    :meth:`tasks.jobs.JobStore.create`).
+
+    Needs gevent (the front ends run under gunicorn's gevent workers).
+
+    Example::
+
+        batcher = StartBatcher(jobs, TaskMessages(celery))
+        position = batcher.create(job_id, spec)    # stored and on its queue
+    """
+
+    #: Jobs per message: enough to make a burst cheap, few enough that the jobs
+    #: of one message (which all run on the worker that takes it) spread over workers.
+    MAX_BATCH = 32
+    TIMEOUT_S = 30.0
+
+    def __init__(self, jobs: JobStore, messages: TaskMessages, max_batch: int = MAX_BATCH
+                 ) -> None:
+        self.jobs = jobs
+        self.messages = messages
+        self.max_batch = max_batch
+        self.queue: deque[tuple[str, JobSpec, AsyncResult]] = deque()
+        self.wakeup = Event()
+        self.sender: gevent.Greenlet | None = None
+        #: Broker messages and jobs sent so far (for tests and figures).
+        self.sent_messages = 0
+        self.sent_jobs = 0
+
+    def create(self, job_id: str, spec: JobSpec) -> int:
+        """Store job ``job_id`` (no chat session) and put it on its queue.
+
+        :return: how many jobs waited in its queue.
+        :raises redis.RedisError: the call failed (the job may or may not be stored).
+        """
+        if spec.session:
+            raise ValueError("a chat session's job is created on its own")
+        result: AsyncResult = AsyncResult()
+        self.queue.append((job_id, spec, result))
+        self.wakeup.set()
+        if self.sender is None or self.sender.dead:
+            self.sender = gevent.spawn(self._send)
+        try:
+            position: int = result.get(timeout=self.TIMEOUT_S)
+        except gevent.Timeout as e:
+            raise redis.TimeoutError(f"creating job {job_id} got no reply") from e
+        return position
+
+    def _send(self) -> None:
+        while True:
+            if not self.queue:
+                self.wakeup.clear()
+                self.wakeup.wait()
+                continue
+            batch = [self.queue.popleft() for _ in range(min(len(self.queue), self.max_batch))]
+            by_queue: dict[str, list[tuple[str, JobSpec, AsyncResult]]] = {}
+            for item in batch:
+                by_queue.setdefault(item[1].queue, []).append(item)
+            groups = list(by_queue.values())
+            try:
+                replies = self._execute(groups)
+            except Exception as e:  # noqa: BLE001 - every waiting submitter must hear of it
+                failure = e if isinstance(e, redis.RedisError) else redis.RedisError(repr(e))
+                for *_, result in batch:
+                    result.set_exception(failure)
+                continue
+            self.sent_messages += len(groups)
+            self.sent_jobs += len(batch)
+            for group, waiting in zip(groups, replies, strict=True):
+                for _, _, result in group:
+                    result.set(int(waiting))
+
+    def _execute(self, groups: list[list[tuple[str, JobSpec, AsyncResult]]]) -> list[Any]:
+        calls = [self.jobs.create_many_call(
+            [(job_id, spec) for job_id, spec, _ in group],
+            self.messages.render([job_id for job_id, _, _ in group], group[0][1].queue))
+            for group in groups]
+        for attempt in range(2):
+            # EVALSHA directly: a pipeline running Script objects would first ask
+            # SCRIPT EXISTS.  Every call runs the same script, so on NOSCRIPT
+            # none of them ran and the batch may be sent again whole.
+            pipe = self.jobs.redis.pipeline(transaction=False)
+            for script, keys_, args in calls:
+                pipe.evalsha(script.sha, len(keys_), *keys_, *args)
+            try:
+                return list(pipe.execute())
+            except redis.exceptions.NoScriptError:
+                if attempt:
+                    raise
+                self.jobs.redis.script_load(calls[0][0].script)
+        raise AssertionError("unreachable")
 
 
 class Dispatcher:

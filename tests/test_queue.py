@@ -125,3 +125,39 @@ def test_redis_client_times_out_a_stalled_reply_but_not_an_idle_subscription() -
         finally:
             pubsub.close()
             client.close()
+
+
+@pytest.mark.parametrize("n", [2, 5, 32])
+def test_message_of_several_jobs_decodes_like_send_tasks(redis_server: RedisServer, n: int
+                                                         ) -> None:
+    """A message naming N jobs (CREATE_MANY pushes it) decodes like send_task(args=[id1, …, idN])'s."""
+    queue = "render-" + uuid.uuid4().hex[:8]
+    celery = make_celery(Settings(redis_url=redis_server.url))
+    job_ids = [uuid.uuid4().hex for _ in range(n)]
+    spec = JobSpec(model="mock-1", messages=[], max_tokens=1, queue=queue)
+    try:
+        celery.send_task(TASK_NAME, args=job_ids, queue=queue)
+        with redis.Redis.from_url(redis_server.url) as r:
+            jobs = JobStore(r, 60)
+            waiting = jobs.create_many([(j, spec) for j in job_ids],
+                                       TaskMessages(celery).render(job_ids, queue))
+            assert waiting == 1, "send_task's message was waiting"
+            assert [jobs.status(j) for j in job_ids] == ["queued"] * n
+            assert all(r.zscore(keys.UNSTARTED, j) is not None for j in job_ids)
+            r.zrem(keys.UNSTARTED, *job_ids)
+        with celery.connection_for_read() as conn:
+            channel = conn.default_channel
+            sent = channel.basic_get(queue, no_ack=True)
+            ours = channel.basic_get(queue, no_ack=True)
+            assert channel.basic_get(queue, no_ack=True) is None, "one message for all the jobs"
+    finally:
+        celery.close()
+    assert sent is not None and ours is not None
+    assert ours.decode() == sent.decode() == [job_ids, {}, {
+        "callbacks": None, "errbacks": None, "chain": None, "chord": None}]
+
+    def fixed(fields: dict[str, object]) -> dict[str, object]:
+        return {k: v for k, v in fields.items() if k not in PER_MESSAGE}
+    assert fixed(ours.headers) == fixed(sent.headers)
+    assert fixed(ours.properties) == fixed(sent.properties)
+    assert ours.delivery_info == sent.delivery_info
