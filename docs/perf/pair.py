@@ -29,6 +29,15 @@ def mock_connections(base_url):
         return json.loads(resp.read()).get("connections", -10**9)
 
 
+def redis_calls(url):
+    """Calls so far of the commands whose count per job is worth printing (INFO commandstats)."""
+    import redis
+    with redis.Redis.from_url(url) as r:
+        stats = r.info("commandstats")
+    return {name: stats.get(f"cmdstat_{name}", {}).get("calls", 0)
+            for name in ("lpush", "evalsha", "brpop")}
+
+
 async def one_job(ws, ref):
     await ws.send(json.dumps({"type": "generate", "ref": ref, "model": "mock-1", "max_tokens": 1,
                               "messages": [{"role": "user", "content": "hello there"}]}))
@@ -67,6 +76,7 @@ async def main(info):
         roles = info[k]["roles"]
         await asyncio.sleep(0.3)
         conns = mock_connections(info[k]["mock"])
+        calls = redis_calls(info[k]["redis"])
         before = cpu.snapshot(roles); t0 = time.perf_counter()
         bad = await rounds(socks[k], a.rounds)
         dt = time.perf_counter() - t0
@@ -75,6 +85,10 @@ async def main(info):
         r = {role: s / n * 1e6 for role, s in used.items()}
         r["total"] = sum(v for role, v in r.items() if role != "mock")
         r["jobs/s"] = n / dt
+        after = redis_calls(info[k]["redis"])
+        # LPUSH per job = broker messages per job (in or out of a script); BRPOP = deliveries.
+        for name, v in after.items():
+            r[f"{name}/job"] = (v - calls[name]) / n
         if conns >= 0:
             r["model conns/100 jobs"] = conns * 100 / n
         res[k].append(r)
