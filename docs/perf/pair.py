@@ -92,9 +92,9 @@ async def main(info):
         if conns >= 0:
             r["model conns/100 jobs"] = conns * 100 / n
         res[k].append(r)
-        print(k, {x: round(v, 1) for x, v in r.items()}, f"errors={bad}" if bad else "", flush=True)
+        print(k, {x: round(v, 3 if "/job" in x else 1) for x, v in r.items()}, f"errors={bad}" if bad else "", flush=True)
     for k in ("A", "B"):
-        med = {role: round(statistics.median(x[role] for x in res[k]), 1) for role in res[k][0]}
+        med = {role: round(statistics.median(x[role] for x in res[k]), 3 if "/job" in role else 1) for role in res[k][0]}
         print(f"median {k} ({info[k]['tree']}):", json.dumps(med))
     ratios = [b["total"] / x["total"] for x, b in zip(res["A"], res["B"])]
     print("B/A total per pair:", [round(x, 2) for x in ratios])
