@@ -25,10 +25,12 @@ from app.admission import AdmissionRejectedError
 from app.apikeys import Authenticator, KeyInfo, bearer_token
 from app.frontend import FrontEnd
 from app.intake import Intake
-from app.protocol import Auth, Cancel, Generate, ProtocolError, Request, Resume, parse
+from app.protocol import Auth, Bulk, Cancel, Generate, ProtocolError, Request, Resume, parse
 from app.relay import Relay
 from app.sockets import Sockets
 from app.writer import AUTH_TIMEOUT, UNAUTHORIZED, Closing, SocketWriter
+from tasks.bulk import BulkEngine, BulkRejectedError, Held, ItemError, UnknownBulkError
+from tasks.bulk_store import LOG_INDEX, split_job_id
 from tasks.config import Settings
 from tasks.events import EventLog
 from tasks.frames import FrameBucket, FrameBudget
@@ -39,6 +41,10 @@ sock = Sock()
 bp = Blueprint("ws", __name__)
 #: A resume costs one frame plus one per this many events it replays.
 REPLAY_EVENTS_PER_FRAME = 50
+#: A bulk costs one frame plus one per this many items: an item costs the front
+#: end a validation, a share of one pipelined write and a follow, much less than
+#: a ``generate`` (its admission is the pump's), but not nothing.
+BULK_ITEMS_PER_FRAME = 10
 
 
 @bp.before_request
@@ -66,12 +72,18 @@ class Connection:
 
     def __init__(self, ws: Any, *, settings: Settings, auth: Authenticator, intake: Intake,
                  jobs: JobStore, events: EventLog, relay: Relay, frames: FrameBudget,
-                 sockets: Sockets, key: KeyInfo | None) -> None:
+                 sockets: Sockets, bulk: BulkEngine, key: KeyInfo | None) -> None:
         self.ws = ws
         self.settings = settings
         self.auth = auth
         self.intake = intake
         self.jobs = jobs
+        self.bulk = bulk
+        #: Bulks this socket submitted (cancelled with its jobs when it must cancel them).
+        self.bulks: set[str] = set()
+        #: ``generate``\ s held instead of refused (``queue_instead_of_429``): job id ->
+        #: bulk id.  Nobody waits for them once the socket is gone, so they are dropped.
+        self.held: dict[str, str] = {}
         self.frames = frames
         self.sockets = sockets
         self.writer = SocketWriter(ws, events=events, jobs=jobs, relay=relay)
@@ -94,6 +106,7 @@ class Connection:
             self.writer.finish()
             metrics.OPEN_SOCKETS.dec()
             unfinished = self.writer.unfollow_all()
+            self._drop_held()
             if self.settings.cancel_on_disconnect or (closing and closing.cancel_jobs):
                 self._cancel_all(unfinished)
 
@@ -125,8 +138,22 @@ class Connection:
         try:
             for job_id in job_ids:
                 self.jobs.request_cancel(job_id)
-        except redis.RedisError as e:
+            if self.key is not None:
+                for bulk_id in self.bulks:
+                    self.bulk.cancel(self.key.key_id, bulk_id)
+        except (redis.RedisError, UnknownBulkError) as e:
             log.warning("could not cancel the jobs of a closed socket: %s", e)
+
+    def _drop_held(self) -> None:
+        """Drop the held ``generate`` requests of this socket not yet started: no budget,
+        slot or held item outlives the client that waited for them."""
+        if self.key is None:
+            return
+        for job_id in self.held:
+            try:
+                self.bulk.cancel_item(self.key.key_id, job_id, held_only=True)
+            except (redis.RedisError, UnknownBulkError) as e:
+                log.warning("could not drop held job %s of a closed socket: %s", job_id, e)
 
     # -- requests ---------------------------------------------------------
     def _handle(self, text: str | bytes) -> None:
@@ -148,6 +175,8 @@ class Connection:
                                    "or an Authorization header on the handshake")
             elif isinstance(req, Generate):
                 self._generate(req)
+            elif isinstance(req, Bulk):
+                self._bulk(req)
             elif isinstance(req, Resume):
                 self._resume(req)
             else:
@@ -215,7 +244,14 @@ class Connection:
         self._spend()
         accepted = time.monotonic()
         assert self.key is not None
-        submitted = self.intake.submit(self.key, req.spec, max_tokens_given=req.max_tokens_given)
+        try:
+            submitted = self.intake.submit(self.key, req.spec,
+                                           max_tokens_given=req.max_tokens_given)
+        except AdmissionRejectedError as e:
+            if e.code != "rate_limited" or not e.queueable or req.spec.session:
+                raise
+            self._hold(req, e, accepted)
+            return
         job_id = submitted.job_id
         metrics.JOBS_SUBMITTED.inc()
         # Enqueued before it is answered: from here on the worker settles the
@@ -229,6 +265,93 @@ class Connection:
         self.writer.send(json.dumps(queued))
         self.writer.follow(job_id, 0, accepted_at=accepted)
 
+    def _hold(self, req: Generate, refusal: AdmissionRejectedError, accepted: float) -> None:
+        """Hold a ``generate`` the key's buckets refuse now (its tier's ``queue_instead_of_429``).
+
+        It becomes a one-item bulk that the pump starts (as an interactive job) once
+        the buckets allow; held longer than the tier's ``queue_max_wait_s``, it ends
+        with ``rate_limited``.  Needs a follow more than a ``generate``: the hold's log.
+        """
+        assert self.key is not None
+        if len(self.writer.following) + 2 > self.settings.max_follows_per_socket:
+            raise refusal
+        tier = self.bulk.admission.tier_of(self.key)
+        try:
+            sub = self.bulk.submit(self.key, [Held(req.spec, req.max_tokens_given, req.ref)],
+                                   kind="interactive", max_items=1,
+                                   wait_s=tier.queue_max_wait_s)
+        except BulkRejectedError:
+            raise refusal from None  # the key holds too much already: refuse as usual
+        job_id = sub.jobs[0]
+        if isinstance(job_id, ItemError):
+            raise ProtocolError(job_id.code, job_id.message)
+        self.held[job_id] = sub.bulk_id
+        metrics.JOBS_SUBMITTED.inc()
+        queued: dict[str, Any] = {"type": "queued", "ref": req.ref, "job_id": job_id,
+                                  "position": 0, "held": True, "bulk_id": sub.bulk_id,
+                                  "log_id": sub.log_id, "max_wait_s": tier.queue_max_wait_s}
+        if refusal.limits is not None:
+            queued["limits"] = refusal.limits.as_dict()
+        self.writer.send(json.dumps(queued))
+        # Its first ``held`` event now: the pump's come at most once a second.
+        self.bulk.announce(self.key.key_id, sub.bulk_id)
+        self.writer.follow(sub.log_id, 0)
+        self.writer.follow(job_id, 0, accepted_at=accepted)
+
+    def _bulk(self, req: Bulk) -> None:
+        """Serve a ``bulk`` frame: one ``queued`` frame, then each item's events and the bulk's."""
+        assert self.key is not None
+        valid = [item for item in req.items if isinstance(item, Generate)]
+        if not valid:
+            metrics.REQUESTS_REJECTED.labels("bad_field").inc()
+            self.writer.send(json.dumps({
+                "type": "error", "ref": req.ref, "code": "bad_field",
+                "message": f"none of the {len(req.items)} items is valid; see 'items'",
+                "items": [_item_error(e.ref, e.code, e.message) for e in req.items
+                          if isinstance(e, ProtocolError)]}))
+            return
+        following, limit = len(self.writer.following), self.settings.max_follows_per_socket
+        if following + len(valid) + 1 > limit:
+            raise ProtocolError("follow_limit", f"this socket follows {following} jobs of at "
+                                f"most {limit}; a bulk of {len(valid)} valid items needs "
+                                f"{len(valid) + 1} more (its items and its log); send fewer "
+                                "items, or open another socket")
+        cost = 1 + len(req.items) / BULK_ITEMS_PER_FRAME
+        wait_s = self.bucket.take(cost - 1)
+        if wait_s:
+            raise ProtocolError("rate_limited", f"a bulk of {len(req.items)} items costs this "
+                                f"socket {cost:.1f} frames; retry in {wait_s:.3f}s",
+                                retry_after=round(wait_s, 3), scope="socket")
+        self._spend(cost)
+        try:
+            sub = self.bulk.submit(self.key, [Held(g.spec, g.max_tokens_given, g.ref)
+                                              for g in valid])
+        except BulkRejectedError as e:
+            raise ProtocolError(e.code, e.message) from e
+        self.bulks.add(sub.bulk_id)
+        outcomes = iter(sub.jobs)
+        items: list[dict[str, Any]] = []
+        job_ids: list[str] = []
+        for item in req.items:
+            if isinstance(item, ProtocolError):
+                items.append(_item_error(item.ref, item.code, item.message))
+                continue
+            got = next(outcomes)
+            if isinstance(got, ItemError):
+                items.append(_item_error(item.ref, got.code, got.message))
+            else:
+                items.append({"ref": item.ref, "job_id": got})
+                job_ids.append(got)
+        metrics.JOBS_SUBMITTED.inc(len(job_ids))
+        metrics.REQUESTS_REJECTED.labels("bad_item").inc(len(items) - len(job_ids))
+        self.writer.send(json.dumps({"type": "queued", "ref": req.ref, "bulk_id": sub.bulk_id,
+                                     "log_id": sub.log_id, "held": len(job_ids),
+                                     "items": items}))
+        # Followed from seq 0 like any job: an item's events come when it starts.
+        self.writer.follow(sub.log_id, 0)
+        for job_id in job_ids:
+            self.writer.follow(job_id, 0)
+
     def _resume(self, req: Resume) -> None:
         following = self.writer.following
         if req.job_id in following:
@@ -237,6 +360,9 @@ class Connection:
                                 f"{following[req.job_id]}")
         self._check_follow_limit()
         owner, status, events = self.jobs.progress(req.job_id)
+        if owner is None:
+            # A bulk item not started yet (or ended without running) has no record.
+            owner = self.bulk.owner_of(req.job_id)
         self._check_owner(req.job_id, owner)
         last = events - 1
         if req.after > last or (req.after == last and status in FINAL):
@@ -255,8 +381,34 @@ class Connection:
 
     def _cancel(self, req: Cancel) -> None:
         self._spend()
-        self._check_owner(req.job_id)
-        self.jobs.request_cancel(req.job_id)
+        assert self.key is not None
+        key_id = self.key.key_id
+        if req.bulk_id is not None:
+            self._cancel_bulk(req.bulk_id)
+            return
+        job_id = req.job_id
+        assert job_id is not None
+        bulk_id, index = split_job_id(job_id)
+        if index == LOG_INDEX and self.bulk.owner_of(bulk_id) == key_id:
+            self._cancel_bulk(bulk_id)  # the bulk's log stands for the bulk
+            return
+        owner = self.jobs.owner_of(job_id)
+        if owner is None and self.bulk.owner_of(job_id) == key_id:
+            try:  # held: it never starts; started meanwhile: its job is cancelled
+                self.bulk.cancel_item(key_id, job_id)
+                return
+            except UnknownBulkError:
+                pass
+        self._check_owner(job_id, owner)
+        self.jobs.request_cancel(job_id)
+
+    def _cancel_bulk(self, bulk_id: str) -> None:
+        assert self.key is not None
+        try:
+            self.bulk.cancel(self.key.key_id, bulk_id)
+        except UnknownBulkError:
+            raise ProtocolError("unknown_job", f"no bulk {bulk_id!r}: it never existed, it "
+                                "has expired, or it belongs to another key") from None
 
     def _check_owner(self, job_id: str, owner: str | None = None) -> None:
         # Another key's job is answered like a missing one: ids do not leak.
@@ -275,10 +427,16 @@ def websocket(ws: Any) -> None:
     try:
         Connection(ws, settings=front.settings, auth=front.auth, intake=front.intake,
                    jobs=front.jobs, events=front.events, relay=front.relay,
-                   frames=front.frames, sockets=front.sockets, key=g.sluice_key).serve()
+                   frames=front.frames, sockets=front.sockets,
+                   bulk=current_app.extensions["sluice_bulk"], key=g.sluice_key).serve()
     except Exception:  # see the module docstring
         log.exception("a socket failed; closing it")
         try:
             ws.close(reason=1011, message="internal error")
         except Exception:  # noqa: BLE001 - flask-sock closes it again; nothing to add
             pass
+
+
+def _item_error(ref: Any, code: str, message: str) -> dict[str, Any]:
+    """A bulk item that became no job, as the ``queued`` frame lists it."""
+    return {"ref": ref, "code": code, "message": message}
