@@ -316,8 +316,8 @@ def test_a_client_gone_while_held_leaks_nothing(
     assert queued["held"] is True
     c.close()
     bulk = keys.bulk(queued["bulk_id"])
-    wait_for(lambda: r.hget(bulk, "status") == b"cancelled", 10, "the held item to be dropped")
-    assert r.hmget(bulk, ["cancelled", "started"]) == [b"1", b"0"]
+    wait_for(lambda: r.hget(bulk, "cancelled") == b"1", 10, "the held item to be dropped")
+    assert r.hmget(bulk, ["status", "started"]) == [b"completed", b"0"]
     assert r.hget(keys.job(queued["job_id"]), "status") == b"cancelled"
     assert not r.exists(keys.reservation(queued["job_id"]))
     assert leaks(r, key.key_id) == NOTHING
