@@ -9,6 +9,7 @@ Flask write an HTTP 500 response onto the upgraded socket.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -106,7 +107,7 @@ class Connection:
             self.writer.finish()
             metrics.OPEN_SOCKETS.dec()
             unfinished = self.writer.unfollow_all()
-            self._drop_held()
+            self._drop_held(unfinished)
             if self.settings.cancel_on_disconnect or (closing and closing.cancel_jobs):
                 self._cancel_all(unfinished)
 
@@ -138,18 +139,19 @@ class Connection:
         try:
             for job_id in job_ids:
                 self.jobs.request_cancel(job_id)
-            if self.key is not None:
-                for bulk_id in self.bulks:
-                    self.bulk.cancel(self.key.key_id, bulk_id)
-        except (redis.RedisError, UnknownBulkError) as e:
+            key_id = self.key.key_id if self.key is not None else ""
+            for bulk_id in self.bulks:
+                with contextlib.suppress(UnknownBulkError):  # expired meanwhile
+                    self.bulk.cancel(key_id, bulk_id)
+        except redis.RedisError as e:
             log.warning("could not cancel the jobs of a closed socket: %s", e)
 
-    def _drop_held(self) -> None:
+    def _drop_held(self, unfinished: list[str]) -> None:
         """Drop the held ``generate`` requests of this socket not yet started: no budget,
         slot or held item outlives the client that waited for them."""
         if self.key is None:
             return
-        for job_id in self.held:
+        for job_id in set(self.held).intersection(unfinished):
             try:
                 self.bulk.cancel_item(self.key.key_id, job_id, held_only=True)
             except (redis.RedisError, UnknownBulkError) as e:
