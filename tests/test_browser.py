@@ -259,8 +259,11 @@ def test_bulk_of_five_lines_completes(browser: WebDriver, web: str, api_key: str
         const run = document.querySelector('.run');
         return {done: run.dataset.done, failed: run.dataset.failed,
                 progress: run.querySelector('.progress').textContent,
-                texts: [...run.querySelectorAll('.answer-text')].map(t => t.textContent)};""")
+                texts: [...run.querySelectorAll('.answer-text')].map(t => t.textContent),
+                ids: [...run.querySelectorAll('[data-job-id]')].map(c => c.dataset.jobId)};""")
     assert (run["done"], run["failed"]) == ("5", "0"), run
+    # One bulk frame: items 0..4 of one bulk (its id, then the index in 8 hex digits).
+    assert run["ids"] == [run["ids"][0][:24] + f"{i:08x}" for i in range(5)], run["ids"]
     assert run["progress"].startswith("5 / 5 done · 0 failed"), run["progress"]
     assert run["texts"] == [expected_text(line, 6, FAST) for line in lines]
     page.wait_answers(1, "done")

@@ -322,3 +322,24 @@ def test_a_client_gone_while_held_leaks_nothing(
     assert not r.exists(keys.reservation(queued["job_id"]))
     assert leaks(r, key.key_id) == NOTHING
     assert admission.usage(key.key_id, 1)[0].requests == 1  # the drain's; none other admitted
+
+
+def test_a_bulk_beyond_the_sockets_follows_is_refused_whole(
+        big_web: str, r: redis.Redis, admission: Admission,
+        open_client: Callable[[str, str], BulkClient]) -> None:
+    """With 251 of 300 follows used, a 50-item bulk gets follow_limit and holds nothing."""
+    raw, key = new_key(r, "tiny")  # an empty bucket: nothing starts for ~30 s
+    drain(admission, key)
+    c = open_client(big_web, raw)
+    c.send(type="bulk", ref="first", items=[item(i, f"f{i}") for i in range(250)])
+    first = c.recv()
+    assert first["type"] == "queued" and first["held"] == 250
+    c.send(type="bulk", ref="second", items=[item(i, f"s{i}") for i in range(50)])
+    error = c.until(lambda f: f.get("ref") == "second")
+    assert (error["type"], error["code"]) == ("error", "follow_limit"), error
+    assert "251" in error["message"] and "300" in error["message"]
+    assert (r.hget(keys.BULK_PENDING, key.key_id), r.zcard(keys.hold(key.key_id))) == (b"250", 1)
+    c.send(type="cancel", ref="c", bulk_id=first["bulk_id"])
+    done = c.until(lambda f: f.get("type") == "bulk_done")
+    assert (done["cancelled"], done["total"]) == (250, 250)
+    assert leaks(r, key.key_id) == NOTHING
