@@ -31,10 +31,12 @@ def admission(sluice_env: dict[str, str]) -> Iterator[Admission]:
 
 @pytest.fixture(scope="module")
 def big_web(start_proc: Callable[..., Proc], sluice_env: dict[str, str], worker: Proc) -> str:
-    """A front end that takes large bulk frames: 100 kB frames, 300 follows, 250 items a frame."""
+    """A front end that takes large bulk frames: 100 kB frames, 300 follows, 250 items a
+    frame, 300 items pending per key."""
     return start_web(start_proc, {**sluice_env, "SLUICE_MAX_FRAME_BYTES": "100000",
                                   "SLUICE_MAX_FOLLOWS_PER_SOCKET": "300",
-                                  "SLUICE_BULK_MAX_ITEMS": "250"})
+                                  "SLUICE_BULK_MAX_ITEMS": "250",
+                                  "SLUICE_BULK_MAX_PENDING": "300"})
 
 
 def new_key(r: redis.Redis, tier: str) -> tuple[str, KeyInfo]:
@@ -342,4 +344,28 @@ def test_a_bulk_beyond_the_sockets_follows_is_refused_whole(
     c.send(type="cancel", ref="c", bulk_id=first["bulk_id"])
     done = c.until(lambda f: f.get("type") == "bulk_done")
     assert (done["cancelled"], done["total"]) == (250, 250)
+    assert leaks(r, key.key_id) == NOTHING
+
+
+def test_a_bulk_beyond_the_keys_pending_items_is_refused_whole(
+        big_web: str, r: redis.Redis, admission: Admission,
+        open_client: Callable[[str, str], BulkClient]) -> None:
+    """With 250 of its 300 pending items held, a key's 60-item bulk (on another socket) gets
+    too_many_pending and holds nothing; a 50-item one still fits."""
+    raw, key = new_key(r, "tiny")  # an empty bucket: nothing starts for ~30 s
+    drain(admission, key)
+    c, other = open_client(big_web, raw), open_client(big_web, raw)
+    c.send(type="bulk", ref="first", items=[item(i, f"f{i}") for i in range(250)])
+    first = c.recv()
+    assert first["held"] == 250
+    other.send(type="bulk", ref="more", items=[item(i, f"m{i}") for i in range(60)])
+    error = other.recv()
+    assert (error["type"], error["ref"], error["code"]) == ("error", "more", "too_many_pending")
+    assert (r.hget(keys.BULK_PENDING, key.key_id), r.zcard(keys.hold(key.key_id))) == (b"250", 1)
+    other.send(type="bulk", ref="fits", items=[item(i, f"m{i}") for i in range(50)])
+    fits = other.recv()
+    assert (fits["type"], fits["held"]) == ("queued", 50)
+    for client, queued in ((c, first), (other, fits)):
+        client.send(type="cancel", ref="c", bulk_id=queued["bulk_id"])
+        assert client.until(lambda f: f.get("type") == "bulk_done")["status"] == "cancelled"
     assert leaks(r, key.key_id) == NOTHING
