@@ -33,7 +33,8 @@ class ProtocolError(Exception):
     """A client frame that cannot be served; the socket stays open."""
 
     def __init__(self, code: str, message: str, ref: Any = None, *,
-                 retry_after: float | None = None, scope: str | None = None) -> None:
+                 retry_after: float | None = None, scope: str | None = None,
+                 extra: dict[str, Any] | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
@@ -42,6 +43,8 @@ class ProtocolError(Exception):
         self.retry_after = retry_after
         #: Which frame budget refused it: ``socket`` or ``key`` (``rate_limited``).
         self.scope = scope
+        #: Further fields of the error frame (a refused ``bulk``'s per-item ``items``).
+        self.extra = extra
 
     def frame(self) -> str:
         """The ``error`` frame telling the client what was wrong."""
@@ -51,7 +54,7 @@ class ProtocolError(Exception):
             body["retry_after"] = self.retry_after
         if self.scope is not None:
             body["scope"] = self.scope
-        return json.dumps(body)
+        return json.dumps({**body, **(self.extra or {})})
 
 
 @dataclass(frozen=True)

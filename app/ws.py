@@ -9,7 +9,6 @@ Flask write an HTTP 500 response onto the upgraded socket.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import time
@@ -28,10 +27,10 @@ from app.frontend import FrontEnd
 from app.intake import Intake
 from app.protocol import Auth, Bulk, Cancel, Generate, ProtocolError, Request, Resume, parse
 from app.relay import Relay
+from app.socket_bulks import SocketBulks
 from app.sockets import Sockets
 from app.writer import AUTH_TIMEOUT, UNAUTHORIZED, Closing, SocketWriter
-from tasks.bulk import BulkEngine, BulkRejectedError, Held, ItemError, UnknownBulkError
-from tasks.bulk_store import LOG_INDEX, split_job_id
+from tasks.bulk import BulkEngine
 from tasks.config import Settings
 from tasks.events import EventLog
 from tasks.frames import FrameBucket, FrameBudget
@@ -79,15 +78,10 @@ class Connection:
         self.auth = auth
         self.intake = intake
         self.jobs = jobs
-        self.bulk = bulk
-        #: Bulks this socket submitted (cancelled with its jobs when it must cancel them).
-        self.bulks: set[str] = set()
-        #: ``generate``\ s held instead of refused (``queue_instead_of_429``): job id ->
-        #: bulk id.  Nobody waits for them once the socket is gone, so they are dropped.
-        self.held: dict[str, str] = {}
         self.frames = frames
         self.sockets = sockets
         self.writer = SocketWriter(ws, events=events, jobs=jobs, relay=relay)
+        self.bulks = SocketBulks(bulk, self.writer, max_follows=settings.max_follows_per_socket)
         self.bucket = FrameBucket(settings.socket_frames_per_s, settings.socket_frame_burst)
         #: Who the socket acts for; ``None`` until an ``auth`` frame succeeds.
         self.key = key
@@ -107,8 +101,10 @@ class Connection:
             self.writer.finish()
             metrics.OPEN_SOCKETS.dec()
             unfinished = self.writer.unfollow_all()
-            self._drop_held(unfinished)
-            if self.settings.cancel_on_disconnect or (closing and closing.cancel_jobs):
+            cancel = self.settings.cancel_on_disconnect or bool(closing and closing.cancel_jobs)
+            if self.key is not None:
+                self.bulks.closed(self.key.key_id, unfinished, cancel=cancel)
+            if cancel:
                 self._cancel_all(unfinished)
 
     def close(self, closing: Closing) -> None:
@@ -139,23 +135,8 @@ class Connection:
         try:
             for job_id in job_ids:
                 self.jobs.request_cancel(job_id)
-            key_id = self.key.key_id if self.key is not None else ""
-            for bulk_id in self.bulks:
-                with contextlib.suppress(UnknownBulkError):  # expired meanwhile
-                    self.bulk.cancel(key_id, bulk_id)
         except redis.RedisError as e:
             log.warning("could not cancel the jobs of a closed socket: %s", e)
-
-    def _drop_held(self, unfinished: list[str]) -> None:
-        """Drop the held ``generate`` requests of this socket not yet started: no budget,
-        slot or held item outlives the client that waited for them."""
-        if self.key is None:
-            return
-        for job_id in set(self.held).intersection(unfinished):
-            try:
-                self.bulk.cancel_item(self.key.key_id, job_id, held_only=True)
-            except (redis.RedisError, UnknownBulkError) as e:
-                log.warning("could not drop held job %s of a closed socket: %s", job_id, e)
 
     # -- requests ---------------------------------------------------------
     def _handle(self, text: str | bytes) -> None:
@@ -235,6 +216,16 @@ class Connection:
                                 f"frame budget; retry in {wait_s:.3f}s",
                                 retry_after=wait_s, scope="key")
 
+    def _charge(self, cost: float, what: str) -> None:
+        """Charge a frame that costs more than one to both budgets (its first frame is
+        taken already), or refuse it."""
+        wait_s = self.bucket.take(cost - 1)
+        if wait_s:
+            raise ProtocolError("rate_limited", f"{what} costs this socket {cost:.1f} frames; "
+                                f"retry in {wait_s:.3f}s", retry_after=round(wait_s, 3),
+                                scope="socket")
+        self._spend(cost)
+
     def _check_follow_limit(self) -> None:
         limit = self.settings.max_follows_per_socket
         if len(self.writer.following) >= limit:
@@ -252,7 +243,7 @@ class Connection:
         except AdmissionRejectedError as e:
             if e.code != "rate_limited" or not e.queueable or req.spec.session:
                 raise
-            self._hold(req, e, accepted)
+            self.bulks.hold(self.key, req, e, accepted)
             return
         job_id = submitted.job_id
         metrics.JOBS_SUBMITTED.inc()
@@ -267,92 +258,12 @@ class Connection:
         self.writer.send(json.dumps(queued))
         self.writer.follow(job_id, 0, accepted_at=accepted)
 
-    def _hold(self, req: Generate, refusal: AdmissionRejectedError, accepted: float) -> None:
-        """Hold a ``generate`` the key's buckets refuse now (its tier's ``queue_instead_of_429``).
-
-        It becomes a one-item bulk that the pump starts (as an interactive job) once
-        the buckets allow; held longer than the tier's ``queue_max_wait_s``, it ends
-        with ``rate_limited``.  Needs a follow more than a ``generate``: the hold's log.
-        """
-        assert self.key is not None
-        if len(self.writer.following) + 2 > self.settings.max_follows_per_socket:
-            raise refusal
-        tier = self.bulk.admission.tier_of(self.key)
-        try:
-            sub = self.bulk.submit(self.key, [Held(req.spec, req.max_tokens_given, req.ref)],
-                                   kind="interactive", max_items=1,
-                                   wait_s=tier.queue_max_wait_s)
-        except BulkRejectedError:
-            raise refusal from None  # the key holds too much already: refuse as usual
-        job_id = sub.jobs[0]
-        if isinstance(job_id, ItemError):
-            raise ProtocolError(job_id.code, job_id.message)
-        self.held[job_id] = sub.bulk_id
-        metrics.JOBS_SUBMITTED.inc()
-        queued: dict[str, Any] = {"type": "queued", "ref": req.ref, "job_id": job_id,
-                                  "position": 0, "held": True, "bulk_id": sub.bulk_id,
-                                  "log_id": sub.log_id, "max_wait_s": tier.queue_max_wait_s}
-        if refusal.limits is not None:
-            queued["limits"] = refusal.limits.as_dict()
-        self.writer.send(json.dumps(queued))
-        # Its first ``held`` event now: the pump's come at most once a second.
-        self.bulk.announce(self.key.key_id, sub.bulk_id)
-        self.writer.follow(sub.log_id, 0)
-        self.writer.follow(job_id, 0, accepted_at=accepted)
-
     def _bulk(self, req: Bulk) -> None:
-        """Serve a ``bulk`` frame: one ``queued`` frame, then each item's events and the bulk's."""
+        self.bulks.check(req)
+        self._charge(1 + len(req.items) / BULK_ITEMS_PER_FRAME,
+                     f"a bulk of {len(req.items)} items")
         assert self.key is not None
-        valid = [item for item in req.items if isinstance(item, Generate)]
-        if not valid:
-            metrics.REQUESTS_REJECTED.labels("bad_field").inc()
-            self.writer.send(json.dumps({
-                "type": "error", "ref": req.ref, "code": "bad_field",
-                "message": f"none of the {len(req.items)} items is valid; see 'items'",
-                "items": [_item_error(e.ref, e.code, e.message) for e in req.items
-                          if isinstance(e, ProtocolError)]}))
-            return
-        following, limit = len(self.writer.following), self.settings.max_follows_per_socket
-        if following + len(valid) + 1 > limit:
-            raise ProtocolError("follow_limit", f"this socket follows {following} jobs of at "
-                                f"most {limit}; a bulk of {len(valid)} valid items needs "
-                                f"{len(valid) + 1} more (its items and its log); send fewer "
-                                "items, or open another socket")
-        cost = 1 + len(req.items) / BULK_ITEMS_PER_FRAME
-        wait_s = self.bucket.take(cost - 1)
-        if wait_s:
-            raise ProtocolError("rate_limited", f"a bulk of {len(req.items)} items costs this "
-                                f"socket {cost:.1f} frames; retry in {wait_s:.3f}s",
-                                retry_after=round(wait_s, 3), scope="socket")
-        self._spend(cost)
-        try:
-            sub = self.bulk.submit(self.key, [Held(g.spec, g.max_tokens_given, g.ref)
-                                              for g in valid])
-        except BulkRejectedError as e:
-            raise ProtocolError(e.code, e.message) from e
-        self.bulks.add(sub.bulk_id)
-        outcomes = iter(sub.jobs)
-        items: list[dict[str, Any]] = []
-        job_ids: list[str] = []
-        for item in req.items:
-            if isinstance(item, ProtocolError):
-                items.append(_item_error(item.ref, item.code, item.message))
-                continue
-            got = next(outcomes)
-            if isinstance(got, ItemError):
-                items.append(_item_error(item.ref, got.code, got.message))
-            else:
-                items.append({"ref": item.ref, "job_id": got})
-                job_ids.append(got)
-        metrics.JOBS_SUBMITTED.inc(len(job_ids))
-        metrics.REQUESTS_REJECTED.labels("bad_item").inc(len(items) - len(job_ids))
-        self.writer.send(json.dumps({"type": "queued", "ref": req.ref, "bulk_id": sub.bulk_id,
-                                     "log_id": sub.log_id, "held": len(job_ids),
-                                     "items": items}))
-        # Followed from seq 0 like any job: an item's events come when it starts.
-        self.writer.follow(sub.log_id, 0)
-        for job_id in job_ids:
-            self.writer.follow(job_id, 0)
+        self.bulks.submit(self.key, req)
 
     def _resume(self, req: Resume) -> None:
         following = self.writer.following
@@ -364,7 +275,7 @@ class Connection:
         owner, status, events = self.jobs.progress(req.job_id)
         if owner is None:
             # A bulk item not started yet (or ended without running) has no record.
-            owner = self.bulk.owner_of(req.job_id)
+            owner = self.bulks.engine.owner_of(req.job_id)
         self._check_owner(req.job_id, owner)
         last = events - 1
         if req.after > last or (req.after == last and status in FINAL):
@@ -372,45 +283,22 @@ class Connection:
                                 f"{req.after}: its last seq is {last}"
                                 + (" and it has ended" if status in FINAL else ""))
         # A replay costs in proportion to what it sends back.
-        cost = 1 + (last - req.after) / REPLAY_EVENTS_PER_FRAME
-        wait_s = self.bucket.take(cost - 1)
-        if wait_s:
-            raise ProtocolError("rate_limited", f"replaying {last - req.after} events costs "
-                                f"this socket {cost:.1f} frames; retry in {wait_s:.3f}s",
-                                retry_after=round(wait_s, 3), scope="socket")
-        self._spend(cost)
+        self._charge(1 + (last - req.after) / REPLAY_EVENTS_PER_FRAME,
+                     f"replaying {last - req.after} events")
         self.writer.follow(req.job_id, req.after + 1)
 
     def _cancel(self, req: Cancel) -> None:
         self._spend()
         assert self.key is not None
-        key_id = self.key.key_id
         if req.bulk_id is not None:
-            self._cancel_bulk(req.bulk_id)
+            self.bulks.cancel_bulk(self.key.key_id, req.bulk_id)
             return
-        job_id = req.job_id
-        assert job_id is not None
-        bulk_id, index = split_job_id(job_id)
-        if index == LOG_INDEX and self.bulk.owner_of(bulk_id) == key_id:
-            self._cancel_bulk(bulk_id)  # the bulk's log stands for the bulk
+        assert req.job_id is not None
+        owner = self.jobs.owner_of(req.job_id)
+        if self.bulks.cancel_job(self.key.key_id, req.job_id, owner):
             return
-        owner = self.jobs.owner_of(job_id)
-        if owner is None and self.bulk.owner_of(job_id) == key_id:
-            try:  # held: it never starts; started meanwhile: its job is cancelled
-                self.bulk.cancel_item(key_id, job_id)
-                return
-            except UnknownBulkError:
-                pass
-        self._check_owner(job_id, owner)
-        self.jobs.request_cancel(job_id)
-
-    def _cancel_bulk(self, bulk_id: str) -> None:
-        assert self.key is not None
-        try:
-            self.bulk.cancel(self.key.key_id, bulk_id)
-        except UnknownBulkError:
-            raise ProtocolError("unknown_job", f"no bulk {bulk_id!r}: it never existed, it "
-                                "has expired, or it belongs to another key") from None
+        self._check_owner(req.job_id, owner)
+        self.jobs.request_cancel(req.job_id)
 
     def _check_owner(self, job_id: str, owner: str | None = None) -> None:
         # Another key's job is answered like a missing one: ids do not leak.
@@ -437,8 +325,3 @@ def websocket(ws: Any) -> None:
             ws.close(reason=1011, message="internal error")
         except Exception:  # noqa: BLE001 - flask-sock closes it again; nothing to add
             pass
-
-
-def _item_error(ref: Any, code: str, message: str) -> dict[str, Any]:
-    """A bulk item that became no job, as the ``queued`` frame lists it."""
-    return {"ref": ref, "code": code, "message": message}
