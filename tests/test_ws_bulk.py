@@ -372,3 +372,22 @@ def test_a_bulk_beyond_the_keys_pending_items_is_refused_whole(
         client.send(type="cancel", ref="c", bulk_id=queued["bulk_id"])
         assert client.until(lambda f: f.get("type") == "bulk_done")["status"] == "cancelled"
     assert leaks(r, key.key_id) == NOTHING
+
+
+def test_a_socket_that_cancels_on_disconnect_cancels_its_bulks(
+        start_proc: Callable[..., Proc], sluice_env: dict[str, str], worker: Proc,
+        r: redis.Redis, admission: Admission,
+        open_client: Callable[[str, str], BulkClient]) -> None:
+    """With SLUICE_CANCEL_ON_DISCONNECT=1, a socket's held bulk is cancelled when it closes."""
+    web = start_web(start_proc, {**sluice_env, "SLUICE_CANCEL_ON_DISCONNECT": "1"})
+    raw, key = new_key(r, "tiny")  # an empty bucket: nothing starts for ~30 s
+    drain(admission, key)
+    c = open_client(web, raw)
+    c.send(type="bulk", ref="b", items=[item(i, f"gone {i}") for i in range(3)])
+    queued = c.recv()
+    assert queued["held"] == 3
+    c.close()
+    bulk = keys.bulk(queued["bulk_id"])
+    wait_for(lambda: r.hget(bulk, "status") == b"cancelled", 10, "the bulk to be cancelled")
+    assert r.hmget(bulk, ["cancelled", "started"]) == [b"3", b"0"]
+    assert leaks(r, key.key_id) == NOTHING
