@@ -2,8 +2,9 @@
 
 Client → server frames are JSON objects with a ``type``: ``auth`` (browsers,
 which cannot set a header on a WebSocket, send their key in this first
-frame), ``generate``, ``resume`` or ``cancel``.  Anything else gets a :class:`ProtocolError` whose
-``code`` is stable and whose message names the bad value.
+frame), ``generate``, ``bulk`` (many ``generate`` requests at once), ``resume`` or
+``cancel``.  Anything else gets a :class:`ProtocolError` whose ``code`` is
+stable and whose message names the bad value.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from tasks.bulk_store import BULK_ID_HEX
 from tasks.config import Settings
 from tasks.jobs import JOB_ID, JobSpec
 
@@ -22,6 +24,7 @@ MAX_REF_CHARS = 200
 MAX_SESSION_CHARS = 200
 #: Deepest nesting a frame may have; real frames need 4 (a message inside ``messages``).
 MAX_DEPTH = 32
+BULK_ID = re.compile(f"^[0-9a-f]{{{BULK_ID_HEX}}}$")
 #: A lone surrogate cannot be encoded as UTF-8: it would fail wherever the text goes next.
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
@@ -30,7 +33,8 @@ class ProtocolError(Exception):
     """A client frame that cannot be served; the socket stays open."""
 
     def __init__(self, code: str, message: str, ref: Any = None, *,
-                 retry_after: float | None = None, scope: str | None = None) -> None:
+                 retry_after: float | None = None, scope: str | None = None,
+                 extra: dict[str, Any] | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
@@ -39,6 +43,8 @@ class ProtocolError(Exception):
         self.retry_after = retry_after
         #: Which frame budget refused it: ``socket`` or ``key`` (``rate_limited``).
         self.scope = scope
+        #: Further fields of the error frame (a refused ``bulk``'s per-item ``items``).
+        self.extra = extra
 
     def frame(self) -> str:
         """The ``error`` frame telling the client what was wrong."""
@@ -48,7 +54,7 @@ class ProtocolError(Exception):
             body["retry_after"] = self.retry_after
         if self.scope is not None:
             body["scope"] = self.scope
-        return json.dumps(body)
+        return json.dumps({**body, **(self.extra or {})})
 
 
 @dataclass(frozen=True)
@@ -79,14 +85,23 @@ class Resume:
 
 
 @dataclass(frozen=True)
-class Cancel:
-    """Stop a job."""
+class Bulk:
+    """Submit many items at once; each is a valid :class:`Generate` or why it is not."""
 
     ref: Any
-    job_id: str
+    items: list[Generate | ProtocolError]
 
 
-Request = Auth | Generate | Resume | Cancel
+@dataclass(frozen=True)
+class Cancel:
+    """Stop a job (``job_id``), or every item of a bulk (``bulk_id``)."""
+
+    ref: Any
+    job_id: str | None
+    bulk_id: str | None = None
+
+
+Request = Auth | Generate | Bulk | Resume | Cancel
 
 
 def parse(text: str | bytes, settings: Settings) -> Request:
@@ -106,9 +121,7 @@ def parse(text: str | bytes, settings: Settings) -> Request:
     if not isinstance(frame, dict):
         raise ProtocolError("bad_frame", f"frame must be a JSON object, not {_kind(frame)}")
     ref = frame.get("ref")
-    if ref is not None and not (isinstance(ref, (str, int)) and not isinstance(ref, bool)
-                                and len(str(ref)) <= MAX_REF_CHARS
-                                and not (isinstance(ref, str) and _SURROGATE.search(ref))):
+    if not _good_ref(ref) or (isinstance(ref, str) and _SURROGATE.search(ref)):
         raise ProtocolError("bad_field", f"'ref' must be a string or integer of at most "
                             f"{MAX_REF_CHARS} characters")
     kind = frame.get("type")
@@ -116,6 +129,8 @@ def parse(text: str | bytes, settings: Settings) -> Request:
         _check_text(frame)
         if kind == "generate":
             return generate_request(frame, settings, ref)
+        if kind == "bulk":
+            return bulk_request(frame, settings, ref)
         if kind == "auth":
             key = frame.get("key")
             if not isinstance(key, str) or not key:
@@ -124,12 +139,12 @@ def parse(text: str | bytes, settings: Settings) -> Request:
         if kind == "resume":
             return Resume(ref, _job_id(frame), _int(frame, "after", -1, -1, 2**53))
         if kind == "cancel":
-            return Cancel(ref, _job_id(frame))
+            return _cancel(frame, ref)
     except ProtocolError as e:
         e.ref = ref
         raise
     raise ProtocolError("unknown_type", f"unknown frame type {kind!r:.40}; expected "
-                        "'auth', 'generate', 'resume' or 'cancel'", ref)
+                        "'auth', 'generate', 'bulk', 'resume' or 'cancel'", ref)
 
 
 def generate_request(fields: dict[str, Any], settings: Settings, ref: Any = None) -> Generate:
@@ -140,6 +155,61 @@ def generate_request(fields: dict[str, Any], settings: Settings, ref: Any = None
     :raises ProtocolError: a field is missing or bad; the error names it.
     """
     return Generate(ref, _spec(fields, settings), "max_tokens" in fields)
+
+
+def bulk_request(frame: dict[str, Any], settings: Settings, ref: Any = None) -> Bulk:
+    """Validate a ``bulk`` frame: its ``items`` list, and each item as a ``generate``.
+
+    A bad item does not sink the others: it is kept as its :class:`ProtocolError`
+    (with the item's ``ref``), in its place.
+
+    :raises ProtocolError: ``items`` is missing, not a list, empty (``bad_field``),
+        or longer than ``settings.bulk_max_items`` (``too_many_items``).
+    """
+    items = frame.get("items")
+    if items is None:
+        raise ProtocolError("missing_field", "'items' is required: a list of requests, each "
+                            "like a 'generate' frame's fields")
+    if not isinstance(items, list):
+        raise ProtocolError("bad_field", f"'items' must be a list, not {_kind(items)}")
+    if not items:
+        raise ProtocolError("bad_field", "'items' must hold at least one request")
+    if len(items) > settings.bulk_max_items:
+        raise ProtocolError("too_many_items", f"'items' holds {len(items)} requests; a bulk "
+                            f"frame may hold at most {settings.bulk_max_items}")
+    out: list[Generate | ProtocolError] = []
+    for i, item in enumerate(items):
+        item_ref = item.get("ref") if isinstance(item, dict) else None
+        try:
+            if not isinstance(item, dict):
+                raise ProtocolError("bad_field", f"items[{i}] must be an object, not "
+                                    f"{_kind(item)}")
+            if not _good_ref(item_ref):
+                item_ref = None
+                raise ProtocolError("bad_field", f"items[{i}].ref must be a string or integer "
+                                    f"of at most {MAX_REF_CHARS} characters")
+            out.append(generate_request(item, settings, item_ref))
+        except ProtocolError as e:
+            e.ref = item_ref
+            out.append(e)
+    return Bulk(ref, out)
+
+
+def _cancel(frame: dict[str, Any], ref: Any) -> Cancel:
+    bulk_id = frame.get("bulk_id")
+    if bulk_id is None:
+        return Cancel(ref, _job_id(frame))
+    if "job_id" in frame:
+        raise ProtocolError("bad_frame", "give one of 'job_id' or 'bulk_id', not both")
+    if not isinstance(bulk_id, str) or not BULK_ID.match(bulk_id):
+        raise ProtocolError("bad_field", f"'bulk_id' must be {BULK_ID_HEX} lowercase hex "
+                            f"digits, got {bulk_id!r:.60}")
+    return Cancel(ref, None, bulk_id)
+
+
+def _good_ref(ref: Any) -> bool:
+    return ref is None or (isinstance(ref, (str, int)) and not isinstance(ref, bool)
+                           and len(str(ref)) <= MAX_REF_CHARS)
 
 
 def _spec(frame: dict[str, Any], settings: Settings) -> JobSpec:

@@ -34,6 +34,8 @@ from tasks.jobs import JobStore
 
 log = logging.getLogger(__name__)
 OUTBOX_FRAMES = 10_000
+#: Events after which a log has no more: a job's end, and a bulk's (its own log).
+ENDS = TERMINAL | {"bulk_done"}
 #: How long a closing socket may take to say goodbye before it is cut off.
 CLOSE_WAIT_S = 5.0
 UNAUTHORIZED = 4401
@@ -215,7 +217,7 @@ class SocketWriter:
                 self.jobs.record_client_ttft(job_id, ttft_s * 1000)
         if kind == "done":
             metrics.observe_done(frame)
-        if kind in TERMINAL:
+        if kind in ENDS:
             del self.following[job_id]
             metrics.FOLLOWED_JOBS.dec()
             self.relay.unfollow(job_id, self)

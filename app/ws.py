@@ -25,10 +25,12 @@ from app.admission import AdmissionRejectedError
 from app.apikeys import Authenticator, KeyInfo, bearer_token
 from app.frontend import FrontEnd
 from app.intake import Intake
-from app.protocol import Auth, Cancel, Generate, ProtocolError, Request, Resume, parse
+from app.protocol import Auth, Bulk, Cancel, Generate, ProtocolError, Request, Resume, parse
 from app.relay import Relay
+from app.socket_bulks import SocketBulks
 from app.sockets import Sockets
 from app.writer import AUTH_TIMEOUT, UNAUTHORIZED, Closing, SocketWriter
+from tasks.bulk import BulkEngine
 from tasks.config import Settings
 from tasks.events import EventLog
 from tasks.frames import FrameBucket, FrameBudget
@@ -39,6 +41,10 @@ sock = Sock()
 bp = Blueprint("ws", __name__)
 #: A resume costs one frame plus one per this many events it replays.
 REPLAY_EVENTS_PER_FRAME = 50
+#: A bulk costs one frame plus one per this many items: an item costs the front
+#: end a validation, a share of one pipelined write and a follow, much less than
+#: a ``generate`` (its admission is the pump's), but not nothing.
+BULK_ITEMS_PER_FRAME = 10
 
 
 @bp.before_request
@@ -66,7 +72,7 @@ class Connection:
 
     def __init__(self, ws: Any, *, settings: Settings, auth: Authenticator, intake: Intake,
                  jobs: JobStore, events: EventLog, relay: Relay, frames: FrameBudget,
-                 sockets: Sockets, key: KeyInfo | None) -> None:
+                 sockets: Sockets, bulk: BulkEngine, key: KeyInfo | None) -> None:
         self.ws = ws
         self.settings = settings
         self.auth = auth
@@ -75,6 +81,7 @@ class Connection:
         self.frames = frames
         self.sockets = sockets
         self.writer = SocketWriter(ws, events=events, jobs=jobs, relay=relay)
+        self.bulks = SocketBulks(bulk, self.writer, max_follows=settings.max_follows_per_socket)
         self.bucket = FrameBucket(settings.socket_frames_per_s, settings.socket_frame_burst)
         #: Who the socket acts for; ``None`` until an ``auth`` frame succeeds.
         self.key = key
@@ -94,7 +101,10 @@ class Connection:
             self.writer.finish()
             metrics.OPEN_SOCKETS.dec()
             unfinished = self.writer.unfollow_all()
-            if self.settings.cancel_on_disconnect or (closing and closing.cancel_jobs):
+            cancel = self.settings.cancel_on_disconnect or bool(closing and closing.cancel_jobs)
+            if self.key is not None:
+                self.bulks.closed(self.key.key_id, unfinished, cancel=cancel)
+            if cancel:
                 self._cancel_all(unfinished)
 
     def close(self, closing: Closing) -> None:
@@ -148,6 +158,8 @@ class Connection:
                                    "or an Authorization header on the handshake")
             elif isinstance(req, Generate):
                 self._generate(req)
+            elif isinstance(req, Bulk):
+                self._bulk(req)
             elif isinstance(req, Resume):
                 self._resume(req)
             else:
@@ -204,6 +216,16 @@ class Connection:
                                 f"frame budget; retry in {wait_s:.3f}s",
                                 retry_after=wait_s, scope="key")
 
+    def _charge(self, cost: float, what: str) -> None:
+        """Charge a frame that costs more than one to both budgets (its first frame is
+        taken already), or refuse it."""
+        wait_s = self.bucket.take(cost - 1)
+        if wait_s:
+            raise ProtocolError("rate_limited", f"{what} costs this socket {cost:.1f} frames; "
+                                f"retry in {wait_s:.3f}s", retry_after=round(wait_s, 3),
+                                scope="socket")
+        self._spend(cost)
+
     def _check_follow_limit(self) -> None:
         limit = self.settings.max_follows_per_socket
         if len(self.writer.following) >= limit:
@@ -215,7 +237,14 @@ class Connection:
         self._spend()
         accepted = time.monotonic()
         assert self.key is not None
-        submitted = self.intake.submit(self.key, req.spec, max_tokens_given=req.max_tokens_given)
+        try:
+            submitted = self.intake.submit(self.key, req.spec,
+                                           max_tokens_given=req.max_tokens_given)
+        except AdmissionRejectedError as e:
+            if e.code != "rate_limited" or not e.queueable or req.spec.session:
+                raise
+            self.bulks.hold(self.key, req, e, accepted)
+            return
         job_id = submitted.job_id
         metrics.JOBS_SUBMITTED.inc()
         # Enqueued before it is answered: from here on the worker settles the
@@ -229,6 +258,13 @@ class Connection:
         self.writer.send(json.dumps(queued))
         self.writer.follow(job_id, 0, accepted_at=accepted)
 
+    def _bulk(self, req: Bulk) -> None:
+        self.bulks.check(req)
+        self._charge(1 + len(req.items) / BULK_ITEMS_PER_FRAME,
+                     f"a bulk of {len(req.items)} items")
+        assert self.key is not None
+        self.bulks.submit(self.key, req)
+
     def _resume(self, req: Resume) -> None:
         following = self.writer.following
         if req.job_id in following:
@@ -237,6 +273,9 @@ class Connection:
                                 f"{following[req.job_id]}")
         self._check_follow_limit()
         owner, status, events = self.jobs.progress(req.job_id)
+        if owner is None:
+            # A bulk item not started yet (or ended without running) has no record.
+            owner = self.bulks.engine.owner_of(req.job_id)
         self._check_owner(req.job_id, owner)
         last = events - 1
         if req.after > last or (req.after == last and status in FINAL):
@@ -244,18 +283,21 @@ class Connection:
                                 f"{req.after}: its last seq is {last}"
                                 + (" and it has ended" if status in FINAL else ""))
         # A replay costs in proportion to what it sends back.
-        cost = 1 + (last - req.after) / REPLAY_EVENTS_PER_FRAME
-        wait_s = self.bucket.take(cost - 1)
-        if wait_s:
-            raise ProtocolError("rate_limited", f"replaying {last - req.after} events costs "
-                                f"this socket {cost:.1f} frames; retry in {wait_s:.3f}s",
-                                retry_after=round(wait_s, 3), scope="socket")
-        self._spend(cost)
+        self._charge(1 + (last - req.after) / REPLAY_EVENTS_PER_FRAME,
+                     f"replaying {last - req.after} events")
         self.writer.follow(req.job_id, req.after + 1)
 
     def _cancel(self, req: Cancel) -> None:
         self._spend()
-        self._check_owner(req.job_id)
+        assert self.key is not None
+        if req.bulk_id is not None:
+            self.bulks.cancel_bulk(self.key.key_id, req.bulk_id)
+            return
+        assert req.job_id is not None
+        owner = self.jobs.owner_of(req.job_id)
+        if self.bulks.cancel_job(self.key.key_id, req.job_id, owner):
+            return
+        self._check_owner(req.job_id, owner)
         self.jobs.request_cancel(req.job_id)
 
     def _check_owner(self, job_id: str, owner: str | None = None) -> None:
@@ -275,7 +317,8 @@ def websocket(ws: Any) -> None:
     try:
         Connection(ws, settings=front.settings, auth=front.auth, intake=front.intake,
                    jobs=front.jobs, events=front.events, relay=front.relay,
-                   frames=front.frames, sockets=front.sockets, key=g.sluice_key).serve()
+                   frames=front.frames, sockets=front.sockets,
+                   bulk=current_app.extensions["sluice_bulk"], key=g.sluice_key).serve()
     except Exception:  # see the module docstring
         log.exception("a socket failed; closing it")
         try:

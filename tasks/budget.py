@@ -49,7 +49,8 @@ end
 
 # Check and reserve: refill both buckets, drop slots past their deadline, and
 # admit only if the whole reservation, one request and one slot all fit.
-# KEYS[1] bucket hash, KEYS[2] slots zset, KEYS[3] reservation hash, KEYS[4] usage hash (today)
+# KEYS[1] bucket hash, KEYS[2] slots zset, KEYS[3] reservation hash, KEYS[4] usage hash (today),
+# KEYS[5] admitted zset
 # ARGV[1] job id, ARGV[2] key id, ARGV[3] tokens to reserve, ARGV[4] prompt tokens counted,
 # ARGV[5] token capacity, ARGV[6] tokens refilled per second, ARGV[7] request capacity,
 # ARGV[8] requests refilled per second, ARGV[9] max concurrent jobs, ARGV[10] slot TTL ms,
@@ -90,6 +91,8 @@ if verdict == 'ok' then
   redis.call('HSET', KEYS[3], 'key_id', ARGV[2], 'tokens', ARGV[3], 'prompt', ARGV[4],
              'tcap', ARGV[5], 'trate', ARGV[6], 'rcap', ARGV[7], 'rrate', ARGV[8])
   redis.call('EXPIRE', KEYS[3], ARGV[11])
+  redis.call('ZADD', KEYS[5], now_ms, ARGV[1])
+  redis.call('EXPIRE', KEYS[5], ARGV[11])
   redis.call('HINCRBY', KEYS[4], 'requests', 1)
 elseif verdict ~= 'duplicate' then
   redis.call('HINCRBY', KEYS[4], 'rejected', 1)
@@ -98,6 +101,28 @@ redis.call('EXPIRE', KEYS[4], ARGV[12])
 return {verdict, math.ceil(wait_s * 1000), math.floor(tokens), math.floor(requests),
         math.ceil((tcap - tokens) / trate * 1000), math.ceil((rcap - requests) / rrate * 1000),
         active}
+"""
+
+# Take the jobs admitted over a grace period ago off the admitted index, and
+# name those that hold a reservation but whose record was never stored: the
+# process that admitted them died before storing them, so nothing would ever
+# settle them.  KEYS[1] admitted zset.  ARGV[1] grace ms, ARGV[2] max jobs,
+# ARGV[3] job key prefix, ARGV[4] reservation key suffix.  (The job keys are
+# derived, not declared: Sluice runs on a single Redis, not a cluster.)
+ORPHANS = """
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local ids = redis.call('ZRANGE', KEYS[1], '-inf', now - tonumber(ARGV[1]), 'BYSCORE',
+                       'LIMIT', 0, ARGV[2])
+local out = {}
+for _, id in ipairs(ids) do
+  redis.call('ZREM', KEYS[1], id)
+  local job = ARGV[3] .. id
+  if redis.call('EXISTS', job) == 0 and redis.call('EXISTS', job .. ARGV[4]) == 1 then
+    out[#out + 1] = id
+  end
+end
+return out
 """
 
 # Settle a job: refund reservation - usage (or charge the overage), release its
@@ -265,6 +290,7 @@ class Budget:
         self._settle = client.register_script(SETTLE)
         self._touch = client.register_script(TOUCH)
         self._peek = client.register_script(PEEK)
+        self._orphans = client.register_script(ORPHANS)
 
     def reserve(self, key_id: str, job_id: str, tokens: int, rates: Rates, *,
                 prompt_tokens: int, slot_ttl_ms: int, reservation_ttl_s: int) -> Reservation:
@@ -282,7 +308,7 @@ class Budget:
         """
         verdict, wait_ms, t_left, r_left, t_reset, r_reset, active = self._reserve(
             keys=[keys.bucket(key_id), keys.slots(key_id), keys.reservation(job_id),
-                  keys.usage(key_id, today())],
+                  keys.usage(key_id, today()), keys.ADMITTED],
             args=[job_id, key_id, tokens, prompt_tokens, *rates.args(),
                   rates.max_concurrent_jobs, slot_ttl_ms, reservation_ttl_s, self.usage_ttl_s])
         verdict = verdict.decode()
@@ -315,6 +341,24 @@ class Budget:
             return None
         reserved, charged, left = out
         return Settlement(key_id, int(reserved), int(charged), int(left))
+
+    def refund_orphans(self, grace_ms: int, limit: int = 200) -> list[str]:
+        """Refund the jobs admitted over ``grace_ms`` ago whose record was never stored.
+
+        Such a job's front end died between admission and storing it, so no
+        worker will ever settle it; without this its slot and reservation would
+        stay taken for the job's whole lifetime.  Any number of processes may
+        call it: each admitted job is looked at once.
+
+        :return: the ids refunded.
+        """
+        job_prefix = keys.job("")
+        orphans = [i.decode() for i in self._orphans(
+            keys=[keys.ADMITTED],
+            args=[grace_ms, limit, job_prefix, keys.reservation("")[len(job_prefix):]])]
+        for job_id in orphans:
+            self.settle(job_id, 0, 0)
+        return orphans
 
     def touch(self, job_id: str, slot_ttl_ms: int, key_id: str | None = None) -> bool:
         """Push a running job's slot deadline ``slot_ttl_ms`` into the future.

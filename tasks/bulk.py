@@ -123,16 +123,19 @@ class BulkEngine:
 
     def submit(self, key: KeyLike, items: Sequence[Held], *, kind: str = "bulk",
                announce: bool = True, keep: bool = False, max_items: int | None = None,
-               bulk_id: str | None = None) -> Submission:
+               bulk_id: str | None = None, wait_s: int | None = None) -> Submission:
         """Accept a bulk: every valid item is held, in order, until the pump starts it.
 
         :param key: the submitting key; its tier's limits and ``batch_share`` apply.
         :param items: the requests, each already validated as a ``generate`` would be.
-        :param kind: ``bulk`` (a socket's) or ``batch`` (the Batch API's).
+        :param kind: ``bulk`` (a socket's), ``batch`` (the Batch API's) or ``interactive``
+            (a ``generate`` held instead of refused: the pump starts it as an interactive
+            job, and if it expires it ends with ``rate_limited``).
         :param announce: keep the bulk's own event log (``held``, ``bulk_done``).
         :param keep: keep each item's outcome (the Batch API renders files from them).
         :param max_items: most items in this submission (default ``settings.bulk_max_items``).
         :param bulk_id: the id to use (24 hex digits); a new one when ``None``.
+        :param wait_s: how long items may wait to start (default ``settings.bulk_max_wait_s``).
         :return: the bulk's ids and, per item, its job id or why it was refused.
         :raises BulkRejectedError: ``too_many_items``, or ``too_many_pending`` when the key
             has ``settings.bulk_max_pending`` items pending already.
@@ -154,7 +157,7 @@ class BulkEngine:
                 valid.append(item)
             else:
                 jobs.append(error)
-        wait_s = self.settings.bulk_max_wait_s
+        wait_s = self.settings.bulk_max_wait_s if wait_s is None else wait_s
         ticket = self.store.submit(
             bid, key.key_id, valid, max_pending=self.settings.bulk_max_pending,
             ttl_s=wait_s + self.settings.batch_retention_s,
@@ -254,15 +257,22 @@ class BulkEngine:
             error = ("cancelled", "the bulk was cancelled before this item started") \
                 if status == "cancelling" else \
                 ("expired", "this item waited longer than the bulk's window and expired")
+            if rec.kind == "interactive" and status == "expiring":
+                wait_s = (rec.expires_ms - rec.created_ms) / 1000
+                error = ("rate_limited", f"held {wait_s:g}s, the most this key's tier waits "
+                         "for its limits (queue_max_wait_s), and they still refuse it; "
+                         "retry later")
             skipped = self.store.skipped(rec.bulk_id)
             for index in range(first, total):
                 if index not in skipped:
                     self.tell_item(item_job_id(rec.bulk_id, index), *error)
 
-    def cancel_item(self, key_id: str, job_id: str) -> bool:
+    def cancel_item(self, key_id: str, job_id: str, *, held_only: bool = False) -> bool:
         """Cancel one item of the key's bulks, held or running.
 
-        :return: whether there was something to cancel (False: it has ended).
+        :param held_only: leave an item that has started alone.
+        :return: whether there was something to cancel (False: it has ended, or it
+            has started and ``held_only`` is set).
         :raises UnknownBulkError: the job is not an item of one of this key's bulks.
         """
         bulk_id, index = split_job_id(job_id)
@@ -271,12 +281,28 @@ class BulkEngine:
             raise UnknownBulkError(f"no item {job_id!r}")
         code = self.store.cancel_item(bulk_id, key_id, index)
         if code == 0:
-            return self.jobs.request_cancel(job_id)
+            return False if held_only else self.jobs.request_cancel(job_id)
         if code > 0 and rec.announce:
             self.tell_item(job_id, "cancelled", "the item was cancelled before it started")
         if code == 2:
             self.redis.publish(keys.BULK_WAKE, "")
         return code > 0
+
+    def announce(self, key_id: str, bulk_id: str) -> None:
+        """Write a ``held`` event to an announced bulk's log now, if it holds items.
+
+        The pump writes them as they change, at most once a second; a front end
+        calls this right after a submission so its client hears at once.
+
+        :raises UnknownBulkError: there is no such bulk of this key.
+        """
+        status = self.status(key_id, bulk_id)
+        rec = status.record
+        if rec.announce and rec.held:
+            self.events.append(log_id(bulk_id), "held", {
+                "bulk_id": bulk_id, "held": rec.held, "next_index": rec.cursor,
+                "position": status.position, "next_eta_s": status.next_eta_s,
+                "last_eta_s": status.last_eta_s})
 
     def tell_item(self, job_id: str, code: str, message: str) -> None:
         """End the log of an item that never ran with an ``error`` event."""

@@ -222,8 +222,10 @@ unhold(KEYS[6], KEYS[7], ARGV[1], ARGV[2])
 return {1 + finish_if_done(KEYS[9], ARGV[1], ARGV[4]), cursor, total}
 """
 
-# Cancel one held item so that it never starts.
-# KEYS[1..5] the bulk's keys, KEYS[6] BULK_PENDING, KEYS[7] BULK_FINISHED
+# Cancel one held item so that it never starts; a bulk that ends so leaves its
+# key's hold queue at once.
+# KEYS[1..5] the bulk's keys, KEYS[6] BULK_PENDING, KEYS[7] BULK_FINISHED,
+# KEYS[8] the key's hold zset, KEYS[9] HOLD
 # ARGV[1] bulk id, ARGV[2] key id, ARGV[3] index, ARGV[4] retention s
 # Returns 0 the item has started (cancel its job instead), 1 cancelled, 2 cancelled
 # and its bulk ended, -1 nothing to cancel (no such item, or it ended or was cancelled).
@@ -237,7 +239,9 @@ redis.call('HINCRBY', KEYS[1], 'skipped', 1)
 redis.call('HINCRBY', KEYS[1], 'cancelled', 1)
 redis.call('HDEL', KEYS[2], index)
 decr(KEYS[6], ARGV[2], 1)
-return 1 + finish_if_done(KEYS[7], ARGV[1], ARGV[4])
+if finish_if_done(KEYS[7], ARGV[1], ARGV[4]) == 0 then return 1 end
+unhold(KEYS[8], KEYS[9], ARGV[1], ARGV[2])
+return 2
 """
 
 
@@ -505,7 +509,8 @@ class BulkStore:
     def cancel_item(self, bulk_id: str, owner: str, index: int) -> int:
         """Cancel a held item (see :data:`CANCEL_ITEM` for the codes)."""
         return int(self._cancel_item(
-            keys=[*self.bulk_keys(bulk_id), keys.BULK_PENDING, keys.BULK_FINISHED],
+            keys=[*self.bulk_keys(bulk_id), keys.BULK_PENDING, keys.BULK_FINISHED,
+                  keys.hold(owner), keys.HOLD],
             args=[bulk_id, owner, index, self.retention_s]))
 
     def skipped(self, bulk_id: str) -> set[int]:

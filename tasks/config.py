@@ -108,8 +108,9 @@ class Settings:
     #: The same for all sockets of one API key together, on every front end.
     key_frames_per_s: float = 500.0
     key_frame_burst: int = 2000
-    #: Jobs one socket may follow at once.
-    max_follows_per_socket: int = 100
+    #: Jobs one socket may follow at once: a bulk of ``bulk_max_items`` and its
+    #: own log, plus a hundred interactive jobs.
+    max_follows_per_socket: int = 1101
     #: How long a front end goes without Redis before telling its clients to reconnect.
     redis_lost_after_s: float = 2.0
     #: A job sent to the workers and not started by any attempt this long after

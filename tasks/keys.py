@@ -33,6 +33,7 @@ sluice:bucket:{kid}           hash      token and request levels, last refill (Â
 sluice:slots:{kid}            zset      job id -> slot deadline (ms) of admitted jobs
 sluice:frames:{kid}           hash      the key's client-frame bucket: level, last refill (Âµs)
 sluice:job:{id}:reservation   hash      key id, tokens reserved, bucket figures
+sluice:admitted               zset      job id -> ms admitted, for ``admitted_grace_s``
 sluice:usage:{kid}:{day}      hash      requests, rejected, prompt/completion tokens
 ============================  ========  ==============================================
 
@@ -174,6 +175,12 @@ def frames(key_id: str) -> str:
 def reservation(job_id: str) -> str:
     """A job's token reservation; deleting it is what settles the job exactly once."""
     return f"{PREFIX}job:{job_id}:reservation"
+
+
+#: Jobs just admitted, scored by when (ms): a job whose record was never
+#: stored (its front end died between admission and storing it) is found
+#: here by the reaper and its reservation and slot refunded.
+ADMITTED = f"{PREFIX}admitted"
 
 
 def usage(key_id: str, day: str) -> str:

@@ -141,7 +141,8 @@ class Pump:
                     # of a job that runs or ran does nothing.
                     log.warning("bulk item %s still queued; sending it again", job_id)
                     self._resent[job_id] = time.monotonic()
-                    self.dispatcher.send(job_id, self.settings.bulk_queue)
+                    self.dispatcher.send(job_id, self.jobs.queue_of(job_id)
+                                         or self.settings.bulk_queue)
         for job_id in list(self._resent):
             if job_id not in running:
                 del self._resent[job_id]
@@ -254,7 +255,10 @@ class Pump:
             self._heads.pop(key_id, None)
             return "progress"
         tier = self.admission.tiers.get(rec.tier)
-        key_cap = tier.batch_slots if tier else 1
+        # A held interactive request (queue_instead_of_429) runs as one: its key's
+        # whole buckets and slots, the interactive queue.
+        interactive = rec.kind == "interactive"
+        key_cap = (tier.max_concurrent_jobs if interactive else tier.batch_slots) if tier else 1
         nxt = self.store.next_item(rec.bulk_id, key_id, key_cap)
         if nxt is None:
             self._meta_cache.pop(rec.bulk_id, None)
@@ -270,7 +274,8 @@ class Pump:
         spec, given = spec_of(raw)
         try:
             admitted = self.admission.admit(Holder(key_id, rec.tier), spec,
-                                            max_tokens_given=given, job_id=job_id, batch=True)
+                                            max_tokens_given=given, job_id=job_id,
+                                            batch=not interactive)
         except AdmissionRejectedError as e:
             # Whatever a crashed round may have reserved for this item goes back.
             self._refund(job_id)
@@ -310,7 +315,7 @@ class Pump:
     def _launch(self, rec: BulkRecord, index: int, admitted: Admitted) -> None:
         """Create and enqueue a claimed item's job on the bulk queue."""
         job_id = item_job_id(rec.bulk_id, index)
-        queue = self.settings.bulk_queue
+        queue = self.settings.queue if rec.kind == "interactive" else self.settings.bulk_queue
         spec: JobSpec = replace(admitted.spec, queue=queue)
         self.jobs.create(spec, job_id)
         self.dispatcher.enqueue(job_id, queue)

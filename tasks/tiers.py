@@ -12,7 +12,8 @@ for a new tier, to ``free``::
     max_output_tokens = 4_096
     default_output_tokens = 1_024   # reserved when a request gives no max_tokens
     models = ["*"]                  # or a list of model names
-    queue_instead_of_429 = false
+    queue_instead_of_429 = false    # hold a generate the buckets refuse, instead of 429
+    queue_max_wait_s = 60           # ... for at most this long, then refuse it
     batch_share = 0.5               # of the buckets and slots that bulk and batch items may use
 
 Without a file, :data:`DEFAULT_TIERS` apply.
@@ -51,6 +52,8 @@ class Tier:
     models: tuple[str, ...] = (ALL_MODELS,)
     #: Hold a request that does not fit the bucket instead of answering ``rate_limited``.
     queue_instead_of_429: bool = False
+    #: How long such a request is held at most; then it gets ``rate_limited`` after all.
+    queue_max_wait_s: int = 60
     #: The share (0 < share <= 1) of the key's token and request buckets and of its
     #: concurrency that bulk and batch items may use; the rest is kept for
     #: interactive requests (see :meth:`tasks.admission.Admission.admit`).
@@ -85,7 +88,8 @@ DEFAULT_TIERS: dict[str, Tier] = {
 }
 
 _COUNTS = ("tokens_per_minute", "requests_per_minute", "max_concurrent_jobs",
-           "max_prompt_tokens", "max_output_tokens", "default_output_tokens")
+           "max_prompt_tokens", "max_output_tokens", "default_output_tokens",
+           "queue_max_wait_s")
 
 
 def load_tiers(path: str | Path | None = None) -> dict[str, Tier]:

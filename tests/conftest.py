@@ -174,6 +174,37 @@ tokens_per_minute = 100_000
 requests_per_minute = 100_000
 max_concurrent_jobs = 4
 batch_share = 0.5
+# Bulk items from an empty bucket start one every ~1.4 s (10 tokens/s, all for bulks).
+[tiers.drip]
+tokens_per_minute = 600
+requests_per_minute = 1000
+max_concurrent_jobs = 2
+max_prompt_tokens = 100
+max_output_tokens = 64
+default_output_tokens = 16
+batch_share = 1.0
+
+# A generate the token bucket refuses is held (queue_instead_of_429) for up to
+# 30 s ('holds') or 1 s ('holds_briefly') instead of refused.
+[tiers.holds]
+tokens_per_minute = 600
+requests_per_minute = 1000
+max_concurrent_jobs = 2
+max_prompt_tokens = 100
+max_output_tokens = 64
+default_output_tokens = 16
+queue_instead_of_429 = true
+queue_max_wait_s = 30
+
+[tiers.holds_briefly]
+tokens_per_minute = 600
+requests_per_minute = 1000
+max_concurrent_jobs = 2
+max_prompt_tokens = 100
+max_output_tokens = 64
+default_output_tokens = 16
+queue_instead_of_429 = true
+queue_max_wait_s = 1
 """
 
 

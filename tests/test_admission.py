@@ -367,3 +367,28 @@ def test_raw_key_is_nowhere_in_redis(r: redis.Redis) -> None:
     adm.settle(ok.job_id, HI_TOKENS, 2)
     secret = raw.encode()
     assert not [x for x in _everything_in(r) if secret in x or raw[10:].encode() in x]
+
+
+def test_a_job_admitted_but_never_stored_is_refunded_once_its_grace_is_over(
+        r: redis.Redis, adm: Admission, key: KeyInfo) -> None:
+    """A front end that dies between admission and storing the job leaves a slot and a reservation: the sweep gives both back, and leaves stored jobs alone."""
+    from tasks.jobs import JobStore
+    full = adm.limits(key).remaining_tokens
+    orphan = adm.admit(key, spec(max_tokens=100))
+    stored = adm.admit(key, spec(max_tokens=100))
+    JobStore(r, 60).create(stored.spec, stored.job_id)
+    assert r.zcard(keys.slots(key.key_id)) == 2
+    assert adm.budget.refund_orphans(grace_ms=60_000) == []  # both still in their grace
+    assert r.zscore(keys.ADMITTED, orphan.job_id) is not None
+    refunded = adm.budget.refund_orphans(grace_ms=0)
+    assert orphan.job_id in refunded and stored.job_id not in refunded
+    assert r.zscore(keys.ADMITTED, orphan.job_id) is None
+    assert r.zscore(keys.ADMITTED, stored.job_id) is None
+    assert r.zrange(keys.slots(key.key_id), 0, -1) == [stored.job_id.encode()]
+    assert not r.exists(keys.reservation(orphan.job_id))
+    assert r.exists(keys.reservation(stored.job_id))
+    # Only the stored job's reservation is still out of the bucket (give or
+    # take what the bucket refilled meanwhile).
+    left = adm.limits(key).remaining_tokens
+    assert full - stored.reserved_tokens <= left < full - stored.reserved_tokens + 50
+    assert orphan.job_id not in adm.budget.refund_orphans(grace_ms=0)  # once only

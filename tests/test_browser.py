@@ -30,6 +30,8 @@ from selenium.webdriver.remote.webdriver import WebDriver
 from app.apikeys import KeyStore
 from app.cli.dev.mockllm import MockConfig, expected_text
 from app.cli.dev.redis_server import free_port
+from tasks.admission import Admission
+from tasks.config import Settings
 from tests.conftest import MOCK, Proc, start_mock, start_web_on, start_worker, wait_for
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -259,8 +261,11 @@ def test_bulk_of_five_lines_completes(browser: WebDriver, web: str, api_key: str
         const run = document.querySelector('.run');
         return {done: run.dataset.done, failed: run.dataset.failed,
                 progress: run.querySelector('.progress').textContent,
-                texts: [...run.querySelectorAll('.answer-text')].map(t => t.textContent)};""")
+                texts: [...run.querySelectorAll('.answer-text')].map(t => t.textContent),
+                ids: [...run.querySelectorAll('[data-job-id]')].map(c => c.dataset.jobId)};""")
     assert (run["done"], run["failed"]) == ("5", "0"), run
+    # One bulk frame: items 0..4 of one bulk (its id, then the index in 8 hex digits).
+    assert run["ids"] == [run["ids"][0][:24] + f"{i:08x}" for i in range(5)], run["ids"]
     assert run["progress"].startswith("5 / 5 done · 0 failed"), run["progress"]
     assert run["texts"] == [expected_text(line, 6, FAST) for line in lines]
     page.wait_answers(1, "done")
@@ -285,6 +290,42 @@ def test_bulk_waits_for_free_slots_of_a_one_job_key(browser: WebDriver, web: str
         return {done: run.dataset.done, failed: run.dataset.failed,
                 texts: [...run.querySelectorAll('.answer-text')].map(t => t.textContent)};""")
     assert (run["done"], run["failed"]) == ("3", "0"), run
+    assert run["texts"] == [expected_text(line, 4, FAST) for line in lines]
+
+
+def test_a_held_bulk_resumes_across_a_front_end_restart(
+        browser: WebDriver, start_proc: Callable[..., Proc], sluice_env: dict[str, str],
+        worker: Proc, r: redis.Redis) -> None:
+    """Bulk lines held by an empty bucket show their place; the front end dies and comes back;
+    the page resumes the held lines and the bulk's log, and every line completes whole."""
+    raw, key = KeyStore(r).create("browser-drip", "drip")  # 10 tokens/s, all for bulks
+    settings = Settings.from_env(sluice_env)
+    admission = Admission.from_settings(settings, r)
+    tier = admission.tier_of(key)
+    admission.budget.reserve(key.key_id, "drain" + key.key_id, 600, tier.rates, prompt_tokens=600,
+                             slot_ttl_ms=60_000, reservation_ttl_s=60)
+    admission.budget.settle("drain" + key.key_id, 600, 0)  # empty: a line starts every ~1.4 s
+    port = free_port()
+    web = start_web_on(start_proc, sluice_env, port)
+    page = Page(browser, f"http://127.0.0.1:{port}").open(raw).connected()
+    lines = [f"drip line {i}" for i in range(1, 5)]
+    page.set_value("bulk-max-tokens", "4")
+    page.driver.find_element(By.ID, "bulk-prompts").send_keys("\n".join(lines))
+    page.driver.find_element(By.ID, "bulk-run").click()
+    metas = "return [...document.querySelectorAll('.run .meta')].map(m => m.textContent)"
+    wait_for(lambda: any(m.startswith("held: ") for m in page.js(metas)), 20,
+             "a line showing its place")
+    web.kill(signal.SIGKILL)
+    page.wait_state("reconnecting")
+    start_web_on(start_proc, sluice_env, port)
+    page.wait_state("open")
+    wait_for(lambda: page.js("return document.querySelector('.run')?.dataset.finished"), 30,
+             "the bulk run to finish")
+    run = page.js("""
+        const run = document.querySelector('.run');
+        return {done: run.dataset.done, failed: run.dataset.failed,
+                texts: [...run.querySelectorAll('.answer-text')].map(t => t.textContent)};""")
+    assert (run["done"], run["failed"]) == ("4", "0"), run
     assert run["texts"] == [expected_text(line, 4, FAST) for line in lines]
 
 

@@ -10,7 +10,11 @@ import pytest
 import websocket
 
 from app.cli.dev.mockllm import MockConfig, expected_text
+from app.protocol import Bulk, Cancel, Generate, ProtocolError, parse
+from tasks.config import Settings
 from tests.conftest import Client, text_of
+
+SETTINGS = Settings()
 
 BAD_FRAMES: list[tuple[str, str, str]] = [
     ("malformed json", "{not json", "bad_json"),
@@ -113,3 +117,39 @@ def test_resume_beyond_the_end_is_out_of_range(web: str, connect: Callable[..., 
         assert err["type"] == "error" and err["code"] == "out_of_range", err
     c.send(type="resume", ref="ok", job_id=job_id, after=last - 1)
     assert c.until(lambda f: f.get("type") == "done")["seq"] == last
+
+
+def test_a_bulk_frame_keeps_each_items_error_in_its_place() -> None:
+    """Each item is validated as a generate; a bad one is kept as its error, with its ref."""
+    req = parse(json.dumps({"type": "bulk", "ref": "b", "items": [
+        {"ref": 1, "prompt": "ok"}, {"ref": 2, "prompt": "x", "max_tokens": 0},
+        {"ref": {}, "prompt": "bad ref"}, 7]}), SETTINGS)
+    assert isinstance(req, Bulk) and req.ref == "b"
+    first, second, third, fourth = req.items
+    assert isinstance(first, Generate) and first.ref == 1
+    assert isinstance(second, ProtocolError) and (second.code, second.ref) == ("out_of_range", 2)
+    assert isinstance(third, ProtocolError) and third.ref is None and "items[2].ref" in third.message
+    assert isinstance(fourth, ProtocolError) and "items[3] must be an object" in fourth.message
+
+
+@pytest.mark.parametrize(("items", "code"), [
+    (None, "missing_field"), ("x", "bad_field"), ([], "bad_field"),
+    ([{"prompt": "p"}] * 1001, "too_many_items"),
+])
+def test_a_bulk_frame_without_a_good_list_of_items_is_refused(items: Any, code: str) -> None:
+    """'items' must be a non-empty list of at most bulk_max_items."""
+    frame = {"type": "bulk", "ref": 9} if items is None else {"type": "bulk", "ref": 9,
+                                                              "items": items}
+    with pytest.raises(ProtocolError) as info:
+        parse(json.dumps(frame), SETTINGS)
+    assert (info.value.code, info.value.ref) == (code, 9)
+
+
+def test_cancel_takes_a_bulk_id_or_a_job_id() -> None:
+    """A cancel names a job (32 hex digits) or a bulk (24), not both."""
+    assert parse('{"type": "cancel", "bulk_id": "' + "a" * 24 + '"}', SETTINGS) == \
+        Cancel(None, None, "a" * 24)
+    for frame in ('{"type": "cancel", "bulk_id": "' + "a" * 32 + '"}',
+                  '{"type": "cancel", "bulk_id": "' + "a" * 24 + '", "job_id": "x"}'):
+        with pytest.raises(ProtocolError):
+            parse(frame, SETTINGS)

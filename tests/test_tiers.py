@@ -31,12 +31,14 @@ tokens_per_minute = 1_000
 requests_per_minute = 5
 models = ["mock-1"]
 queue_instead_of_429 = true
+queue_max_wait_s = 15
 """)
     tiers = load_tiers(Settings.from_env({"SLUICE_TIERS_FILE": str(path)}).tiers_file)
     assert tiers["pro"].tokens_per_minute == 1_000
     assert tiers["pro"].max_output_tokens == DEFAULT_TIERS["pro"].max_output_tokens
     team = tiers["team"]
-    assert (team.requests_per_minute, team.queue_instead_of_429) == (5, True)
+    assert (team.requests_per_minute, team.queue_instead_of_429, team.queue_max_wait_s) == \
+        (5, True, 15)
     assert team.allows("mock-1") and not team.allows("mock-2")
     assert team.tokens_per_minute == DEFAULT_TIERS["free"].tokens_per_minute
     assert tiers["free"].allows("anything")
@@ -48,6 +50,7 @@ queue_instead_of_429 = true
     ("[tiers.pro]\nmax_tokens = 5", "unknown setting 'max_tokens'"),
     ("[tiers.pro]\nmodels = []", "tiers.pro.models"),
     ("[tiers.pro]\nqueue_instead_of_429 = 'yes'", "got 'yes'"),
+    ("[tiers.pro]\nqueue_max_wait_s = 0", "tiers.pro.queue_max_wait_s must be a positive"),
     ("[tiers.pro]\ndefault_output_tokens = 9_999", "default_output_tokens (9999)"),
     ("[tier.pro]\ntokens_per_minute = 5", "unknown top-level key 'tier'"),
     ("[tiers.pro\n", "not valid TOML"),

@@ -67,6 +67,7 @@ def reap_forever(rt: WorkerRuntime) -> None:
         try:
             reap_once(rt)
             resend_unstarted(rt)
+            refund_orphans(rt)
             if time.monotonic() >= next_sample:
                 next_sample = time.monotonic() + QUEUE_DEPTH_PERIOD_S
                 metrics.QUEUE_DEPTH.labels(rt.settings.queue).set(queue_depth(rt))
@@ -122,6 +123,18 @@ def resend_unstarted(rt: WorkerRuntime) -> list[str]:
         log.warning("job %s was sent but never started; sending it again on %r", job_id, queue)
         rt.dispatcher.resend(job_id, queue or rt.settings.queue)
     return [job_id for job_id, _ in claimed]
+
+
+def refund_orphans(rt: WorkerRuntime) -> list[str]:
+    """Refund the jobs admitted over ``unstarted_grace_s`` ago that were never stored.
+
+    (Their front end died between admission and storing them: see
+    :meth:`tasks.budget.Budget.refund_orphans`.)  Returns the ids refunded.
+    """
+    orphans = rt.budget.refund_orphans(round(rt.settings.unstarted_grace_s * 1000))
+    for job_id in orphans:
+        log.warning("job %s was admitted but never stored; its reservation is refunded", job_id)
+    return orphans
 
 
 def restore_unacked(rt: WorkerRuntime) -> None:

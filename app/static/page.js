@@ -109,7 +109,12 @@ class AnswerView {
     if (this.retryButton) this.retryButton.hidden = !job.ended || job.status === "done";
     const parts = [];
     if (job.status === "sending") parts.push(client?.state === "open" ? "sending…" : "waiting for the connection…");
-    if (job.status === "queued") parts.push(`queued${job.queued?.position ? ` (${job.queued.position} ahead)` : ""}`);
+    if (job.status === "queued" && job.held) {
+      parts.push(`held: ${job.held.position ? `${job.held.position} ahead` : "starts next"}`
+        + (job.held.etaS !== null ? `, in about ${fmtS(job.held.etaS)}` : ""));
+    } else if (job.status === "queued") {
+      parts.push(`queued${job.queued?.position ? ` (${job.queued.position} ahead)` : ""}`);
+    }
     if (job.status === "waiting") {
       const at = job.waiting.retryAt;
       parts.push(at ? `${explain(job.error)} Retrying in ${fmtS(Math.max(0, (at - Date.now()) / 1000))}.`

@@ -16,6 +16,7 @@
  *     job.cancel();
  *
  *     const { jobs, result } = client.bulk(["one", "two", "three"], { max_tokens: 32 });
+ *     jobs[2].on("held", ({ position, etaS }) => …);              // waiting its turn
  *     const { done, failed } = await result;
  *
  * What it guarantees
@@ -34,6 +35,10 @@
  * - A `reconnect` frame (the front end is shutting down) makes it reconnect at
  *   once, with a little jitter so that a whole front end's clients do not
  *   arrive together.
+ *
+ * - `bulk()` sends one `bulk` frame for all its prompts: the gateway holds
+ *   them and starts them as the key's limits allow; each becomes a Job as
+ *   `generate` makes, resumed and cancelled the same way.
  *
  * Job states: "sending" (no `queued` yet) → "queued" → "streaming" →
  * "done" | "error" | "cancelled"; "waiting" while a refused request waits to
@@ -97,10 +102,11 @@ const now = () => performance.now();
 /**
  * One generation: its text so far, its events, its timings.
  *
- * Events (`job.on(type, fn)`): `queued` (the frame), `token` ({text, seq}),
- * `restart` ({seq, attempt}), `done` (the frame), `error` (a SluiceError;
- * code `cancelled` for a cancel), `waiting` ({code, retryAt, message}), and
- * `update` after any change.
+ * Events (`job.on(type, fn)`): `queued` (the frame), `held` ({position, etaS}:
+ * a bulk item, or a request held instead of refused, waiting its turn; position
+ * 0 starts next), `token` ({text, seq}), `restart` ({seq, attempt}), `done` (the
+ * frame), `error` (a SluiceError; code `cancelled` for a cancel), `waiting`
+ * ({code, retryAt, message}), and `update` after any change.
  *
  * Async iteration yields `{type: "token", text, seq}`, `{type: "restart", …}`
  * and finally `{type: "done", …}` (the frames as received), from the first
@@ -127,6 +133,8 @@ export class Job extends Emitter {
     this.final = null;
     /** The SluiceError the job ended with, or the one it is waiting out. */
     this.error = null;
+    /** While held by the gateway (not started): `{position, etaS}`; else null. */
+    this.held = null;
     /** When a waiting job will be sent again (epoch ms), and why. */
     this.waiting = null;
     this.cancelRequested = false;
@@ -217,6 +225,7 @@ export class Job extends Emitter {
     const t = now();
     switch (frame.type) {
       case "token":
+        this.held = null;
         if (this.firstTokenAt === null) this.firstTokenAt = t;
         this.lastTokenAt = t;
         this.tokenFrames += 1;
@@ -312,6 +321,8 @@ export class SluiceClient extends Emitter {
     this._live = new Set(); // every unfinished Job
     this._jobs = new Map(); // job id -> unfinished Job that has one
     this._unqueued = new Map(); // ref -> Job waiting for its `queued`, in submission order
+    this._bulks = new Map(); // ref -> Bulk not yet ended (see `bulk`)
+    this._bulkLogs = new Map(); // log id -> Bulk: its `held` and `bulk_done` events
     this._slotWaiters = []; // jobs refused for concurrency, waiting for one of ours to end
     this._reconnectTimer = null;
     this._serverAsked = false;
@@ -371,17 +382,35 @@ export class SluiceClient extends Emitter {
   }
 
   /**
-   * Submit many prompts, one `generate` each, retrying refusals (see `generate`).
+   * Submit many prompts in one `bulk` frame.  The gateway holds what the key's
+   * limits do not allow yet and starts it in order (each waiting job gets `held`
+   * events); a frame the gateway only delayed (`rate_limited`) is sent again.
    *
    * @param {Array<string|object>} items prompts, or requests as for `generate`
    * @param {object} [defaults] fields every request gets (`max_tokens`, `model`, …),
    *   plus `onProgress({total, done, failed})`, called as each job ends
-   * @returns {{jobs: Job[], result: Promise<{total: number, done: number, failed: number}>}}
+   * @returns {{jobs: Job[], result: Promise<{total: number, done: number, failed: number}>,
+   *   cancel: () => void}}
    */
   bulk(items, { onProgress, ...defaults } = {}) {
-    const jobs = items.map((item) =>
-      this.generate(typeof item === "string" ? { ...defaults, prompt: item } : { ...defaults, ...item },
-        { retry: true }));
+    if (this.state === "unauthorized") throw new SluiceError("unauthorized", "the API key was refused");
+    const bulk = { ref: `b${++this._refs}`, jobs: [], id: null, logId: null, nextSeq: 0,
+      sentOn: null, retryTimer: null, cancelRequested: false };
+    bulk.jobs = items.map((item) => {
+      const request = typeof item === "string" ? { ...defaults, prompt: item } : { ...defaults, ...item };
+      const job = new Job(this, `g${++this._refs}`, request, false);
+      job.bulk = bulk;
+      this._live.add(job);
+      job.on("update", () => { if (job.ended) this._ended(job); });
+      this._emit("job", job);
+      return job;
+    });
+    const jobs = bulk.jobs;
+    if (jobs.length) {
+      this._bulks.set(bulk.ref, bulk);
+      this._sendBulk(bulk);
+      if (!this.ws && (this.state === "idle" || this.state === "closed")) this.connect();
+    }
     const counts = { total: jobs.length, done: 0, failed: 0 };
     const result = new Promise((resolve) => {
       const settle = () => {
@@ -394,7 +423,14 @@ export class SluiceClient extends Emitter {
           () => { counts.failed += 1; settle(); });
       }
     });
-    return { jobs, result };
+    const cancel = () => {
+      bulk.cancelRequested = true;
+      for (const job of jobs) job.cancelRequested = true;
+      if (bulk.id) this._send({ type: "cancel", bulk_id: bulk.id, ref: `c:${bulk.ref}` });
+      else if (!bulk.sentOn) this._dropBulk(bulk, new SluiceError("cancelled", "cancelled before it was sent"));
+      // else: sent but not queued yet; the cancel goes out when `queued` arrives.
+    };
+    return { jobs, result, cancel };
   }
 
   /** Cancel a job (a Job or a job id of this client). */
@@ -402,6 +438,13 @@ export class SluiceClient extends Emitter {
     const job = typeof jobOrId === "string" ? this._jobs.get(jobOrId) : jobOrId;
     if (!job || job.ended) return;
     job.cancelRequested = true;
+    if (job.bulk && !job.id) {
+      // Its bulk has no `queued` yet: unsent, it is left out; sent, it is
+      // cancelled when the `queued` names it.
+      if (!job.bulk.sentOn) job._fail(new SluiceError("cancelled", "cancelled before it was sent"));
+      else job._changed();
+      return;
+    }
     if (job.status === "waiting" || (job.status === "sending" && !job._sentOn)) {
       // Never reached the gateway: nothing to stop there.
       job._fail(new SluiceError("cancelled", "cancelled before it was sent"));
@@ -455,6 +498,7 @@ export class SluiceClient extends Emitter {
     this.ws = null;
     this._authed = false;
     for (const job of this._unqueued.values()) job._sentOn = null;
+    for (const bulk of this._bulks.values()) if (!bulk.id) bulk.sentOn = null;
     if (this._closedByUser) return;
     if (event.code === UNAUTHORIZED) {
       this._setState("unauthorized", { code: event.code, reason: event.reason });
@@ -491,6 +535,33 @@ export class SluiceClient extends Emitter {
     this._send({ type: "generate", ref: job.ref, ...job.request });
   }
 
+  _sendBulk(bulk) {
+    if (!this._authed || bulk.sentOn === this.ws) return;
+    const jobs = bulk.jobs.filter((job) => !job.ended);
+    if (!jobs.length) {
+      this._bulks.delete(bulk.ref);
+      return;
+    }
+    bulk.sentOn = this.ws;
+    const t = now();
+    for (const job of jobs) {
+      job._sentOn = this.ws;
+      job.sentAt = t;
+    }
+    this._send({ type: "bulk", ref: bulk.ref, items: jobs.map((job) => ({ ...job.request, ref: job.ref })) });
+  }
+
+  /** End every job of a bulk that got no `queued` with `error` (per item, if the frame says). */
+  _dropBulk(bulk, error) {
+    clearTimeout(bulk.retryTimer);
+    this._bulks.delete(bulk.ref);
+    const perItem = new Map((error.frame?.items ?? []).map((item) => [item.ref, item]));
+    for (const job of bulk.jobs) {
+      const item = perItem.get(job.ref);
+      job._fail(item ? new SluiceError(item.code, item.message, { frame: item }) : error);
+    }
+  }
+
   _onAuthenticated(frame) {
     this._authed = true;
     this._attempt = 0;
@@ -503,9 +574,18 @@ export class SluiceClient extends Emitter {
       this._resume(job);
       if (job.cancelRequested) this._send({ type: "cancel", job_id: job.id, ref: `c:${job.ref}` });
     }
+    for (const bulk of this._bulks.values()) {
+      if (bulk.logId) {
+        this._send({ type: "resume", ref: `r:${bulk.ref}`, job_id: bulk.logId, after: bulk.nextSeq - 1 });
+        if (bulk.cancelRequested) this._send({ type: "cancel", bulk_id: bulk.id, ref: `c:${bulk.ref}` });
+      }
+    }
     for (const job of [...this._unqueued.values()]) {
       if (job.cancelRequested) job._fail(new SluiceError("cancelled", "cancelled before it was sent"));
       else this._sendGenerate(job);
+    }
+    for (const bulk of [...this._bulks.values()]) {
+      if (!bulk.id && !bulk.retryTimer) this._sendBulk(bulk);
     }
   }
 
@@ -520,7 +600,12 @@ export class SluiceClient extends Emitter {
         this._onAuthenticated(frame);
         return;
       case "queued":
-        this._onQueued(frame);
+        if (frame.items) this._onBulkQueued(frame);
+        else this._onQueued(frame);
+        return;
+      case "held":
+      case "bulk_done":
+        this._onBulkEvent(frame);
         return;
       case "reconnect":
         // The front end is going away; its close (1001) follows.
@@ -550,7 +635,60 @@ export class SluiceClient extends Emitter {
     this._unqueued.delete(frame.ref);
     this._jobs.set(frame.job_id, job);
     job._onQueued(frame);
+    if (frame.log_id) {
+      // Held instead of refused: its hold's log says where it stands.
+      const hold = { ref: job.ref, jobs: [job], id: frame.bulk_id, logId: frame.log_id, nextSeq: 0 };
+      job.bulk = hold;
+      this._bulkLogs.set(hold.logId, hold);
+    }
     if (job.cancelRequested) this._send({ type: "cancel", job_id: job.id, ref: `c:${job.ref}` });
+  }
+
+  /** The one `queued` frame of a `bulk`: per item its job id, or why it became none. */
+  _onBulkQueued(frame) {
+    const bulk = this._bulks.get(frame.ref);
+    if (!bulk || bulk.id) return;
+    bulk.id = frame.bulk_id;
+    bulk.logId = frame.log_id;
+    this._bulkLogs.set(bulk.logId, bulk);
+    const byRef = new Map(bulk.jobs.map((job) => [job.ref, job]));
+    for (const item of frame.items) {
+      const job = byRef.get(item.ref);
+      if (!job || job.ended) continue;
+      if (!item.job_id) {
+        job._fail(new SluiceError(item.code, item.message, { frame: item }));
+        continue;
+      }
+      this._jobs.set(item.job_id, job);
+      job._onQueued({ type: "queued", ref: job.ref, job_id: item.job_id, bulk_id: bulk.id, held: true });
+      if (job.cancelRequested && !bulk.cancelRequested) {
+        this._send({ type: "cancel", job_id: job.id, ref: `c:${job.ref}` });
+      }
+    }
+    if (bulk.cancelRequested) this._send({ type: "cancel", bulk_id: bulk.id, ref: `c:${bulk.ref}` });
+  }
+
+  /** A `held` or `bulk_done` event of a bulk's own log. */
+  _onBulkEvent(frame) {
+    const bulk = this._bulkLogs.get(frame.job_id);
+    if (!bulk || frame.seq < bulk.nextSeq) return;
+    bulk.nextSeq = frame.seq + 1;
+    if (frame.type === "bulk_done") {
+      this._bulkLogs.delete(frame.job_id);
+      this._bulks.delete(bulk.ref);
+      return;
+    }
+    // Item i waits at position + (i - next_index); ETAs run from next_eta_s to last_eta_s.
+    const span = Math.max(1, frame.held - 1);
+    for (const job of bulk.jobs) {
+      if (!job.id || job.status !== "queued") continue;
+      const offset = parseInt(job.id.slice(24), 16) - frame.next_index;
+      if (offset < 0) continue; // started: its events come
+      const eta = frame.next_eta_s === null ? null
+        : frame.next_eta_s + (frame.last_eta_s - frame.next_eta_s) * Math.min(1, offset / span);
+      job.held = { position: frame.position + offset, etaS: eta === null ? null : Math.round(eta * 10) / 10 };
+      job._changed("held", job.held);
+    }
   }
 
   _gap(job) {
@@ -587,6 +725,10 @@ export class SluiceClient extends Emitter {
     const colon = ref.indexOf(":");
     const kind = colon < 0 ? "g" : ref.slice(0, colon);
     const own = ref.slice(colon + 1);
+    if (own.startsWith("b")) {
+      this._onBulkRefused(kind, this._bulks.get(own), frame, error);
+      return;
+    }
     const job = kind === "g" ? this._unqueued.get(ref)
       : [...this._jobs.values()].find((j) => j.ref === own);
     if (!job) {
@@ -627,6 +769,45 @@ export class SluiceClient extends Emitter {
       job._retryTimer = setTimeout(look, 2000);
     } else {
       job._fail(error);
+    }
+  }
+
+  /** An `error` frame answering a `bulk` frame (`b<n>`), or its log's resume or cancel. */
+  _onBulkRefused(kind, bulk, frame, error) {
+    if (!bulk) {
+      this._emit("error", error);
+      return;
+    }
+    const waitS = frame.retry_after;
+    const delayed = frame.code === "rate_limited" && typeof waitS === "number"
+      && waitS <= this.options.maxRetryWaitS;
+    if (kind === "g" && !bulk.id) {
+      if (!delayed) {
+        this._dropBulk(bulk, error);
+        return;
+      }
+      const delayMs = waitS * 1000 + Math.random() * 250;
+      for (const job of bulk.jobs) if (!job.ended) job._wait(error, Date.now() + delayMs);
+      bulk.sentOn = null;
+      bulk.retryTimer = setTimeout(() => {
+        bulk.retryTimer = null;
+        for (const job of bulk.jobs) {
+          if (job.status === "waiting") {
+            job.status = "sending";
+            job.waiting = null;
+            job._changed();
+          }
+        }
+        this._sendBulk(bulk);
+      }, delayMs);
+    } else if (delayed) {
+      setTimeout(() => {
+        if (!this._bulks.has(bulk.ref)) return;
+        if (kind === "r") this._send({ type: "resume", ref: frame.ref, job_id: bulk.logId, after: bulk.nextSeq - 1 });
+        else this._send({ type: "cancel", bulk_id: bulk.id, ref: frame.ref });
+      }, waitS * 1000);
+    } else {
+      this._emit("error", error);
     }
   }
 
