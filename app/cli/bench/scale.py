@@ -24,6 +24,7 @@ import csv
 import json
 import math
 import sys
+import textwrap
 import time
 from array import array
 from collections.abc import Callable
@@ -308,7 +309,17 @@ async def _idle_cell(plan: Plan, cell: Cell, stack: Stack, res: CellResult) -> N
         records: dict[str, list[RequestRecord]] = {"sluice": [], "direct": []}
         itl: dict[str, array[float]] = {"sluice": array("d"), "direct": array("d")}
         t_step = perf_counter()
-        for i in range(plan.idle_requests):
+        i = 0
+        while True:
+            if i >= plan.idle_requests:
+                # Celery's Redis transport hands a message to whichever idle worker's
+                # BRPOP is oldest, and those time out and re-block every second, so
+                # the spread is not a strict rotation: go on (up to 3x the requests)
+                # until every worker process has run at least one measured job.
+                after = await asyncio.to_thread(jobs_per_worker, stack)
+                if after is None or i >= 3 * plan.idle_requests or _all_warm(
+                        _minus(after, before), stack, 1):
+                    break
             prompt = prompts.next()
             expected = expected_text(prompt.messages, prompt.max_tokens, stack.mock_config)
             conn = conns[i % len(conns)]
@@ -320,10 +331,10 @@ async def _idle_cell(plan: Plan, cell: Cell, stack: Stack, res: CellResult) -> N
                 await lane.request(Stream(rec, prompt, itl[target], expected, True), t_step,
                                    plan.timeout_s)
                 records[target].append(rec)
-            if plan.progress:
-                _say(f"  idle request {i + 1}/{plan.idle_requests}")
+            i += 1
+            if plan.progress and i % 5 == 0:
+                _say(f"  {i} idle requests")
         wall = perf_counter() - t_step
-        after = await asyncio.to_thread(jobs_per_worker, stack)
     finally:
         await asyncio.gather(*(c.close() for c in conns))
         if direct is not None:
@@ -335,9 +346,14 @@ async def _idle_cell(plan: Plan, cell: Cell, stack: Stack, res: CellResult) -> N
         res.steps["added"] = added_latency(res.steps["sluice"]["aggregate"],
                                            res.steps["direct"]["aggregate"])
     res.steps["jobs_per_worker_warm"] = before
-    res.steps["jobs_per_worker_measured"] = (
-        {k: v - (before or {}).get(k, 0) for k, v in after.items()} if after is not None
-        else None)
+    measured = _minus(after, before) if after is not None else None
+    res.steps["jobs_per_worker_measured"] = measured
+    if measured is not None and not _all_warm(measured, stack, 1):
+        _say(f"{cell.label}: some worker process ran none of the measured jobs: {measured}")
+
+
+def _minus(after: dict[str, int], before: dict[str, int] | None) -> dict[str, int]:
+    return {k: v - (before or {}).get(k, 0) for k, v in after.items()}
 
 
 def _all_warm(counts: dict[str, int] | None, stack: Stack, jobs: int) -> bool:
@@ -524,11 +540,12 @@ def rst_tables(results: list[CellResult], plan: Plan) -> str:
                          _num(s.get("added_ttft_p50_ms")), _num(s.get("added_ttft_p99_ms")),
                          _num(s.get("ttft_p50_ms")), _num(s.get("tpot_ratio"), 2),
                          _jobs(s.get("jobs_per_worker"))])
+        intro = (f"Idle: one request at a time (at least {plan.idle_requests} per cell, "
+                 f"{plan.idle_output_tokens} tokens, mock TTFT {plan.mock_ttft_ms:g} ms), every "
+                 "worker process warm; added = Sluice minus the same request straight at "
+                 "the model.")
         parts.append(
-            f"Idle: one request at a time ({plan.idle_requests} per cell, "
-            f"{plan.idle_output_tokens} tokens, mock TTFT {plan.mock_ttft_ms:g} ms), "
-            "every worker warm; added = Sluice minus the same request straight at the "
-            "model.\n\n" + rst_table(
+            textwrap.fill(intro, width=79) + "\n\n" + rst_table(
                 [["workers", "webs", "ok", "added TTFT", "added TTFT", "TTFT p50",
                   "TPOT", "jobs per worker"],
                  ["", "", "", "p50 (ms)", "p99 (ms)", "(ms)", "ratio", ""]], rows))
@@ -543,11 +560,13 @@ def rst_tables(results: list[CellResult], plan: Plan) -> str:
                          _num(s.get("tpot_ratio"), 2), "failed" if r.error else errors,
                          _roles(s.get("cpu_ms_per_job"), 2),
                          _roles(s.get("cpu_us_per_token"), 0)])
+        intro = ("Scale: N sockets released together; CPU per job from 1-token jobs, CPU per "
+                 f"token and latency from {plan.output_tokens}-token jobs (mock TTFT "
+                 f"{plan.mock_ttft_ms:g} ms, {plan.mock_itl_ms:g} ms per token), "
+                 f"{plan.worker_concurrency} greenlets per worker; CPU summed over each "
+                 "role's processes, from /proc.")
         parts.append(
-            f"Scale: N sockets released together; CPU per job from 1-token jobs, CPU per "
-            f"token and latency from {plan.output_tokens}-token jobs (mock TTFT "
-            f"{plan.mock_ttft_ms:g} ms, {plan.mock_itl_ms:g} ms per token), "
-            f"{plan.worker_concurrency} greenlets per worker.\n\n" + rst_table(
+            textwrap.fill(intro, width=79) + "\n\n" + rst_table(
                 [["workers", "webs", "sockets", "added TTFT", "added TTFT", "TPOT",
                   "errors / lost", "CPU per job (ms)", "CPU per token (us)"],
                  ["", "", "", "p50 (ms)", "p99 (ms)", "ratio", "/ dup",
@@ -598,7 +617,9 @@ def flat(summary: dict[str, Any]) -> dict[str, Any]:
     """A summary with its by-role dicts spread into columns (``cpu_ms_per_job_web`` …)."""
     out: dict[str, Any] = {}
     for k, v in summary.items():
-        if isinstance(v, dict) and k != "error_kinds":
+        if k == "jobs_per_worker":
+            out[k] = _jobs(v)
+        elif isinstance(v, dict) and k != "error_kinds":
             for sub, x in v.items():
                 out[f"{k}_{sub}"] = round(x, 3) if isinstance(x, float) else x
         elif k == "error_kinds":
