@@ -272,10 +272,10 @@ def test_bench_scale_runs_a_tiny_matrix(tmp_path: Path) -> None:
     tables = rst_blocks(out.split("reStructuredText for the README:", 1)[1])
     assert len(tables) == 2
     idle_table, scale_table = tables
-    assert len(rst_columns(idle_table)) == 8 and len(rst_columns(scale_table)) == 9
+    assert len(rst_columns(idle_table)) == 8 and len(rst_columns(scale_table)) == 10
     assert "added TTFT" in idle_table[1] and "CPU per job (ms)" in scale_table[1]
     body = scale_table[4:-1]
-    assert [line.split()[:3] for line in body] == [["1", "1", "1"], ["1", "1", "3"]]
+    assert [line.split()[:4] for line in body] == [["1", "1", "20", "1"], ["1", "1", "20", "3"]]
     assert all(line.count(" = ") == 2 for line in body)  # CPU per job and per token, summed
 
     data = json.loads((tmp_path / "scale.json").read_text())
@@ -290,6 +290,7 @@ def test_bench_scale_runs_a_tiny_matrix(tmp_path: Path) -> None:
     assert min(idle["steps"]["jobs_per_worker_warm"].values()) >= 2  # warmed before measuring
     for cell, n in ((one, 1), (three, 3)):
         assert cell["part"] == "scale" and cell["sockets"] == n and cell["error"] is None
+        assert cell["worker_concurrency"] == 20
         assert cell["requests"] == cell["ok"] == n and cell["errors"] == cell["job_errors"] == 0
         assert (cell["lost"], cell["dup"], cell["mismatch"]) == (0, 0, 0)
         jobs = cell["steps"]["jobs"]["sluice"]["aggregate"]

@@ -37,7 +37,7 @@ import click
 
 from app.cli.bench.cli import _raise_fd_limit
 from app.cli.bench.config import BenchConfig, BenchError, Slo, StackOptions, Step
-from app.cli.bench.direct_client import DirectClient
+from app.cli.bench.direct_client import POOLS, DirectClient
 from app.cli.bench.output import clean, environment
 from app.cli.bench.prompts import Prompt, PromptSource
 from app.cli.bench.record import RequestRecord, Stream
@@ -74,7 +74,8 @@ class Plan:
     idle_requests: int = 20
     idle_output_tokens: int = 5
     output_tokens: int = 50
-    worker_concurrency: int = 500
+    #: Greenlets per worker process; ``None``: :meth:`concurrency` sizes it per cell.
+    worker_concurrency: int | None = None
     mock_ttft_ms: float = 200.0
     mock_itl_ms: float = 100.0
     compare_direct: bool = True
@@ -84,25 +85,38 @@ class Plan:
     model: str = "mock-1"
     progress: bool = True
 
+    def concurrency(self, cell: Cell) -> int:
+        """Greenlets per worker: as given, else 500 or enough for every socket's job at once.
+
+        With fewer slots than sockets the rest of the jobs wait in the queue for a
+        whole stream to end, which measures the sizing, not Sluice.
+        """
+        if self.worker_concurrency is not None:
+            return self.worker_concurrency
+        return max(500, math.ceil(1.1 * cell.sockets / cell.workers))
+
     def stack_options(self, cell: Cell) -> StackOptions:
         """The private stack of one cell."""
-        return StackOptions(cell.workers, self.worker_concurrency, cell.webs,
+        return StackOptions(cell.workers, self.concurrency(cell), cell.webs,
                             self.mock_ttft_ms, self.mock_itl_ms, 0.0,
                             max(self.output_tokens, self.idle_output_tokens), self.env)
 
     def estimate_s(self, cell: Cell) -> float:
-        """A rough duration of one cell on an unloaded 2-core machine, in seconds."""
+        """A rough duration of one cell in seconds (fitted on a shared 2-core machine)."""
         ttft, itl = self.mock_ttft_ms / 1000, self.mock_itl_ms / 1000
-        start = 4.0 + 1.0 * (cell.workers + cell.webs)
+        start = 5.0 + 1.5 * (cell.workers + cell.webs)
         if cell.part == "idle":
-            one = ttft + (self.idle_output_tokens - 1) * itl + 0.05
-            warm = max(2, self.warm_jobs) * cell.workers * (ttft + 0.1)
-            return start + warm + 2 * self.idle_requests * one
+            one = (ttft + (self.idle_output_tokens - 1) * itl + 0.05) * (
+                2 if self.compare_direct else 1)
+            # Jobs land on workers at random-ish: warming takes about twice the minimum,
+            # and the measurement goes on until every worker has run one.
+            warm = 2 * self.warm_jobs * cell.workers * (ttft + 0.15)
+            return start + warm + max(self.idle_requests, 2.5 * cell.workers) * one
         stream = ttft + (self.output_tokens - 1) * itl
         s = cell.sockets
         connect = 2 * (0.5 + s * 0.003)
-        jobs = ttft + s * 0.006  # 1-token jobs: the job starts are the work
-        tokens = stream + s * 0.006 + (stream + s * 0.001 if self.compare_direct else 0)
+        jobs = ttft + s * 0.01  # 1-token jobs: the job starts are the work
+        tokens = stream + s * 0.008 + (stream + s * 0.0015 if self.compare_direct else 0)
         return start + 2 * (1.0 + 1.0) + connect + jobs + tokens
 
 
@@ -111,6 +125,7 @@ class CellResult:
     """What one cell measured; :meth:`summary` is its row."""
 
     cell: Cell
+    concurrency: int = 0
     duration_s: float = 0.0
     error: str | None = None
     interrupted: bool = False
@@ -158,8 +173,9 @@ QUICK = {"idle_workers": (1, 8), "idle_webs": (1, 2), "idle_requests": 10,
                    "scale 1 and 4 workers x 1 and 2 front ends at 100 sockets.")
 @click.option("--compare-direct/--no-compare-direct", default=True, show_default=True,
               help="Also send each measured load straight to the mock (added latency).")
-@click.option("--worker-concurrency", default=500, show_default=True,
-              type=click.IntRange(min=1), help="Greenlets per worker process (-c).")
+@click.option("--worker-concurrency", type=click.IntRange(min=1),
+              help="Greenlets per worker process (-c) [default: 500, or 1.1 x sockets / "
+                   "workers when that is more, so every job of a cell can run at once].")
 @click.option("--warm-jobs", default=2, show_default=True, type=click.IntRange(min=1),
               help="Idle cells: jobs each worker process must have run before measuring.")
 @click.option("--mock-ttft-ms", default=200.0, show_default=True)
@@ -208,11 +224,11 @@ def bench_scale(**kw: Any) -> None:
                 kw["mock_itl_ms"], kw["compare_direct"], kw["warm_jobs"], kw["timeout_s"],
                 tuple(env), progress=kw["progress"])
     total = sum(plan.estimate_s(c) for c in cells)
-    _say(f"{len(cells)} cell(s), a fresh stack each; estimated {_duration(total)} on an "
-         "idle 2-core machine (longer on a busy one)")
+    _say(f"{len(cells)} cell(s), a fresh stack each; estimated {_duration(total)}")
     if kw["dry_run"]:
         for c in cells:
-            click.echo(f"{c.label:<28} ~{_duration(plan.estimate_s(c))}")
+            click.echo(f"{c.label:<24} -c {plan.concurrency(c):<5} "
+                       f"~{_duration(plan.estimate_s(c))}")
         return
     _raise_fd_limit()
     results = run_matrix(plan, sys.stdout)
@@ -251,7 +267,7 @@ def run_matrix(plan: Plan, out: TextIO) -> list[CellResult]:
 
 def run_cell(plan: Plan, cell: Cell) -> CellResult:
     """Start a fresh stack, measure the cell, stop the stack; errors end up in the result."""
-    res = CellResult(cell)
+    res = CellResult(cell, plan.concurrency(cell))
     t0 = perf_counter()
     stack = Stack(plan.stack_options(cell), plan.model,
                   max_tokens_limit=max(4096, plan.output_tokens))
@@ -389,7 +405,7 @@ def _scale_cell(plan: Plan, cell: Cell, stack: Stack, res: CellResult) -> None:
     for name, tokens, compare in runs:
         cfg = BenchConfig(steps=(step,), start_stack=stack.opts, compare_direct=compare,
                           model=plan.model, output_tokens=tokens, timeout_s=plan.timeout_s,
-                          warmup=max(4, 2 * cell.workers), progress=plan.progress)
+                          warmup=max(POOLS, 2 * cell.workers), progress=plan.progress)
         runner = Runner(cfg, stack)
         try:
             result = asyncio.run(runner.run())
@@ -421,7 +437,8 @@ def summarize(res: CellResult) -> dict[str, Any]:
     """The cell's row as a flat dict (the JSON and CSV fields)."""
     c = res.cell
     out: dict[str, Any] = {"part": c.part, "workers": c.workers, "webs": c.webs,
-                           "sockets": c.sockets, "duration_s": round(res.duration_s, 1),
+                           "sockets": c.sockets, "worker_concurrency": res.concurrency,
+                           "duration_s": round(res.duration_s, 1),
                            "error": res.error, "interrupted": res.interrupted}
     main = res.steps.get("sluice") if c.part == "idle" else \
         (res.steps.get("tokens") or {}).get("sluice")
@@ -555,21 +572,22 @@ def rst_tables(results: list[CellResult], plan: Plan) -> str:
             s = r.summary
             errors = "-" if s.get("errors") is None else \
                 f"{s['errors'] + (s.get('job_errors') or 0)} / {s['lost']} / {s['dup']}"
-            rows.append([str(s["workers"]), str(s["webs"]), f"{s['sockets']:,}",
-                         _num(s.get("added_ttft_p50_ms")), _num(s.get("added_ttft_p99_ms")),
+            rows.append([str(s["workers"]), str(s["webs"]), str(s["worker_concurrency"]),
+                         f"{s['sockets']:,}", _num(s.get("added_ttft_p50_ms")),
+                         _num(s.get("added_ttft_p99_ms")),
                          _num(s.get("tpot_ratio"), 2), "failed" if r.error else errors,
                          _roles(s.get("cpu_ms_per_job"), 2),
                          _roles(s.get("cpu_us_per_token"), 0)])
         intro = ("Scale: N sockets released together; CPU per job from 1-token jobs, CPU per "
                  f"token and latency from {plan.output_tokens}-token jobs (mock TTFT "
-                 f"{plan.mock_ttft_ms:g} ms, {plan.mock_itl_ms:g} ms per token), "
-                 f"{plan.worker_concurrency} greenlets per worker; CPU summed over each "
-                 "role's processes, from /proc.")
+                 f"{plan.mock_ttft_ms:g} ms, {plan.mock_itl_ms:g} ms per token); -c: "
+                 "greenlets per worker process; CPU summed over each role's processes, "
+                 "from /proc.")
         parts.append(
             textwrap.fill(intro, width=79) + "\n\n" + rst_table(
-                [["workers", "webs", "sockets", "added TTFT", "added TTFT", "TPOT",
+                [["workers", "webs", "-c", "sockets", "added TTFT", "added TTFT", "TPOT",
                   "errors / lost", "CPU per job (ms)", "CPU per token (us)"],
-                 ["", "", "", "p50 (ms)", "p99 (ms)", "ratio", "/ dup",
+                 ["", "", "", "", "p50 (ms)", "p99 (ms)", "ratio", "/ dup",
                   "web / worker / redis", "web / worker / redis"]], rows))
     return "\n\n".join(parts)
 
