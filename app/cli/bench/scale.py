@@ -302,17 +302,22 @@ async def _idle_cell(plan: Plan, cell: Cell, stack: Stack, res: CellResult) -> N
     try:
         if direct is not None:
             await direct.probe()
-        # Warm every process: each front end and each worker serves jobs before
-        # the measurement (a process's first job pays for its first connections).
+        # Warm every process: each front end and each worker process runs
+        # --warm-jobs jobs before the measurement (a process's first job pays
+        # for its first connections and lazy imports).  A round sends one job
+        # per process of the larger role, over the front ends in turn.
         warm_prompt = Prompt([{"role": "user", "content": "warm up"}], 1)
         sink: array[float] = array("d")
-        rounds = 0
+        rounds = sent = 0
         counts = await asyncio.to_thread(jobs_per_worker, stack)
-        while rounds < 4 * plan.warm_jobs and not _all_warm(counts, stack, plan.warm_jobs):
-            for i in range(cell.workers):
-                s = Stream(RequestRecord("sluice", -1, i, i % len(conns)), warm_prompt, sink,
-                           None, False)
-                await conns[i % len(conns)].request(s, perf_counter(), plan.timeout_s)
+        while rounds < plan.warm_jobs or (
+                rounds < 4 * plan.warm_jobs and not _all_warm(counts, stack, plan.warm_jobs)):
+            for _ in range(max(cell.workers, len(conns))):
+                k = sent % len(conns)
+                s = Stream(RequestRecord("sluice", -1, sent, k), warm_prompt, sink, None,
+                           False)
+                await conns[k].request(s, perf_counter(), plan.timeout_s)
+                sent += 1
             rounds += 1
             counts = await asyncio.to_thread(jobs_per_worker, stack)
         if direct is not None:
@@ -362,6 +367,7 @@ async def _idle_cell(plan: Plan, cell: Cell, stack: Stack, res: CellResult) -> N
         res.steps["added"] = added_latency(res.steps["sluice"]["aggregate"],
                                            res.steps["direct"]["aggregate"])
     res.steps["jobs_per_worker_warm"] = before
+    res.steps["warm_jobs_sent"] = sent
     measured = _minus(after, before) if after is not None else None
     res.steps["jobs_per_worker_measured"] = measured
     if measured is not None and not _all_warm(measured, stack, 1):
