@@ -84,6 +84,8 @@ class Plan:
     env: tuple[tuple[str, str], ...] = ()
     model: str = "mock-1"
     progress: bool = True
+    #: No cell starts after this many seconds (``None``: no bound).
+    max_s: float | None = None
 
     def concurrency(self, cell: Cell) -> int:
         """Greenlets per worker: as given, else 500 or enough for every socket's job at once.
@@ -186,6 +188,8 @@ QUICK = {"idle_workers": (1, 8), "idle_webs": (1, 2), "idle_requests": 10,
               type=click.FloatRange(min=0, min_open=True), help="Seconds one request may take.")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path, file_okay=False),
               help="Write scale.json and scale.csv here.")
+@click.option("--max-minutes", type=click.FloatRange(min=0, min_open=True),
+              help="Start no cell after this many minutes; the tables cover those that ran.")
 @click.option("--dry-run", is_flag=True, help="Print the cells and the estimate, run nothing.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def bench_scale(**kw: Any) -> None:
@@ -222,7 +226,8 @@ def bench_scale(**kw: Any) -> None:
     plan = Plan(tuple(cells), kw["idle_requests"], kw["idle_output_tokens"],
                 kw["output_tokens"], kw["worker_concurrency"], kw["mock_ttft_ms"],
                 kw["mock_itl_ms"], kw["compare_direct"], kw["warm_jobs"], kw["timeout_s"],
-                tuple(env), progress=kw["progress"])
+                tuple(env), progress=kw["progress"],
+                max_s=kw["max_minutes"] * 60 if kw["max_minutes"] else None)
     total = sum(plan.estimate_s(c) for c in cells)
     _say(f"{len(cells)} cell(s), a fresh stack each; estimated {_duration(total)}")
     if kw["dry_run"]:
@@ -247,6 +252,9 @@ def run_matrix(plan: Plan, out: TextIO) -> list[CellResult]:
     t_all = perf_counter()
     header_printed = False
     for n, cell in enumerate(plan.cells, 1):
+        if plan.max_s is not None and perf_counter() - t_all > plan.max_s:
+            _say(f"--max-minutes reached: skipping the last {len(plan.cells) - n + 1} cell(s)")
+            break
         _say(f"cell {n}/{len(plan.cells)}: {cell.label} (~{_duration(plan.estimate_s(cell))}; "
              f"{_duration(perf_counter() - t_all)} so far)")
         res = run_cell(plan, cell)
