@@ -12,10 +12,11 @@ per request, so relaying it costs no JSON work.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import redis
@@ -31,6 +32,7 @@ from app.intake import Submitted
 from app.job_feed import ClientGoneError, JobFeed
 from app.openai_request import ApiError, parse
 from app.protocol import Generate
+from tasks.bulk import BulkEngine, BulkRejectedError, Held, ItemError
 from tasks.events import frame_kind
 from tasks.jobs import JobStore
 
@@ -40,7 +42,7 @@ bp = Blueprint("openai_api", __name__)
 #: A stream quiet this long gets an SSE comment, so proxies keep it open.
 KEEPALIVE_S = 15.0
 #: HTTP status of a non-streamed job that ended with an error, by its code (else 502).
-JOB_STATUS = {"cancelled": 409, "timeout": 504, "unavailable": 503}
+JOB_STATUS = {"cancelled": 409, "timeout": 504, "unavailable": 503, "rate_limited": 429}
 DONE = b"data: [DONE]\n\n"
 
 
@@ -119,7 +121,7 @@ def _complete(chat: bool) -> ResponseReturnValue:
     accepted = time.monotonic()
     try:
         parsed = parse(request, front.settings, chat=chat)
-        submitted = _submit(front, key, parsed.generate)
+        submitted, held = _submit(front, key, parsed.generate)
     except ApiError as e:
         # Not when Redis is what failed: asking it again would only add its timeout.
         if e.status != 503 and not any(h.startswith("x-ratelimit-") for h in e.headers):
@@ -131,8 +133,17 @@ def _complete(chat: bool) -> ResponseReturnValue:
     feed = JobFeed(submitted.job_id, front.relay, front.events)
     client = request.environ.get("gunicorn.socket")
     cancel = front.settings.cancel_on_disconnect
+    if held:
+        # A held request whose client left is dropped while it waits (it was
+        # never started); once started, it is cancelled as any request is.
+        gone: Callable[[], None] = functools.partial(
+            _drop_held, current_app.extensions["sluice_bulk"], key.key_id, submitted.job_id,
+            cancel)
+    else:
+        gone = functools.partial(_cancel, front.jobs, submitted.job_id) if cancel \
+            else (lambda: None)
     if parsed.stream:
-        chunks = _stream(feed, completion, client, front.jobs, accepted, cancel)
+        chunks = _stream(feed, completion, client, front.jobs, accepted, gone)
         return Response(chunks, mimetype="text/event-stream",
                         headers={**headers, "Cache-Control": "no-cache",
                                  "X-Accel-Buffering": "no"})
@@ -148,17 +159,27 @@ def _complete(chat: bool) -> ResponseReturnValue:
                        f"{submitted.job_id}; retry shortly", headers=headers,
                        refused=False) from e
     finally:
-        if cancel and not feed.ended:
-            _cancel(front.jobs, submitted.job_id)
+        if not feed.ended:
+            gone()
     return jsonify(completion.body(text, done)), 200, headers
 
 
-def _submit(front: FrontEnd, key: KeyInfo, generate: Generate) -> Submitted:
-    """Admit, store and enqueue the job, exactly as a socket's ``generate`` is."""
+def _submit(front: FrontEnd, key: KeyInfo, generate: Generate) -> tuple[Submitted, bool]:
+    """Admit, store and enqueue the job, exactly as a socket's ``generate`` is.
+
+    A request the key's buckets refuse now is held instead when its tier says
+    ``queue_instead_of_429`` (see :func:`_hold`).
+
+    :return: the job, and whether it is held.
+    """
     try:
         submitted = front.intake.submit(key, generate.spec,
                                         max_tokens_given=generate.max_tokens_given)
     except AdmissionRejectedError as e:
+        if e.code == "rate_limited" and e.queueable and not generate.spec.session:
+            held = _hold(key, generate)
+            if held is not None:
+                return held, True
         headers = e.headers()
         if e.retry_after is not None:
             headers["retry-after-ms"] = str(max(1, round(e.retry_after * 1000)))
@@ -168,11 +189,43 @@ def _submit(front: FrontEnd, key: KeyInfo, generate: Generate) -> Submitted:
         raise ApiError(503, "unavailable", "the gateway cannot reach Redis; retry shortly") from e
     metrics.JOBS_SUBMITTED.inc()
     front.intake.start(submitted)
-    return submitted
+    return submitted, False
+
+
+def _hold(key: KeyInfo, generate: Generate) -> Submitted | None:
+    """Hold a refused request as a one-item interactive bulk, as a socket's ``generate`` is.
+
+    The pump starts it as an interactive job once the key's buckets allow;
+    held longer than the tier's ``queue_max_wait_s`` its job ends with
+    ``rate_limited`` (a 429, or an error chunk when streaming).  Meanwhile a
+    streaming response sends SSE keep-alive comments.
+
+    :return: the held job, or ``None`` when it cannot be held (refuse as usual).
+    """
+    engine: BulkEngine = current_app.extensions["sluice_bulk"]
+    tier = engine.admission.tier_of(key)
+    try:
+        sub = engine.submit(key, [Held(generate.spec, generate.max_tokens_given, None)],
+                            kind="interactive", max_items=1,
+                            wait_s=tier.queue_max_wait_s)
+    except (BulkRejectedError, redis.RedisError):
+        return None
+    job_id = sub.jobs[0]
+    if isinstance(job_id, ItemError):
+        raise ApiError(400, job_id.code, job_id.message)
+    metrics.JOBS_SUBMITTED.inc()
+    return Submitted(job_id, 0, None, generate.spec, enqueued=True)
+
+
+def _drop_held(engine: BulkEngine, key_id: str, job_id: str, cancel: bool) -> None:
+    try:
+        engine.cancel_item(key_id, job_id, held_only=not cancel)
+    except Exception as e:  # noqa: BLE001 - the request is over either way
+        log.warning("could not drop held job %s of a closed request: %r", job_id, e)
 
 
 def _stream(feed: JobFeed, completion: Completion, client: Any, jobs: JobStore,
-            accepted: float, cancel: bool) -> Iterator[bytes]:
+            accepted: float, gone: Callable[[], None]) -> Iterator[bytes]:
     """The SSE body: the job's tokens as chunks, then its end, then ``[DONE]``.
 
     gunicorn closes this generator when the client goes away (a write fails,
@@ -199,9 +252,9 @@ def _stream(feed: JobFeed, completion: Completion, client: Any, jobs: JobStore,
                 elif kind == "restart" and sent:
                     # OpenAI's chunks cannot take text back: end rather than splice.
                     yield completion.error("job_restarted", f"job {feed.job_id} is being "
-                                           "re-run after its worker died, so the text streamed "
-                                           "so far is void; retry, or resume the job over "
-                                           "the WebSocket")
+                                           "re-run (its worker died, or its provider failed "
+                                           "mid-stream), so the text streamed so far is void; "
+                                           "retry, or resume the job over the WebSocket")
                     return
                 elif kind == "done":
                     yield from completion.ending(json.loads(frame))
@@ -217,8 +270,8 @@ def _stream(feed: JobFeed, completion: Completion, client: Any, jobs: JobStore,
                                f"resume job {feed.job_id} over the WebSocket")
     finally:
         feed.close()
-        if cancel and not feed.ended:
-            _cancel(jobs, feed.job_id)
+        if not feed.ended:
+            gone()
 
 
 def _wait(feed: JobFeed, headers: dict[str, str]) -> tuple[str, dict[str, Any]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import os
 import signal
@@ -195,3 +196,120 @@ def test_a_wrong_api_key_is_named_not_traced(web: str) -> None:
     run = bench("--url", web, "--api-key", "sk-wrong", "--sockets", "1")
     assert run.returncode == 2 and "Traceback" not in run.stderr
     assert "401" in run.stderr or "unauthorized" in run.stderr, run.stderr
+
+
+SCALE = [sys.executable, "-c", "from app.cli import main; main()", "bench-scale", "--no-progress"]
+
+
+def rst_columns(lines: list[str]) -> list[tuple[int, int]]:
+    """The column spans of a reStructuredText simple table, checking every line fits them."""
+    border = lines[0]
+    assert set(border) == {"=", " "} and lines[-1] == border
+    spans, start = [], None
+    for i, ch in enumerate(border + " "):
+        if ch == "=" and start is None:
+            start = i
+        elif ch == " " and start is not None:
+            spans.append((start, i))
+            start = None
+    gaps = [i for (_, end), (nxt, _) in itertools.pairwise(spans) for i in range(end, nxt)]
+    for line in lines:
+        assert all(i >= len(line) or line[i] == " " for i in gaps), line  # no cell spills over
+        assert len(line) <= len(border), line
+    return spans
+
+
+def rst_blocks(text: str) -> list[list[str]]:
+    """Each simple table in ``text`` as its lines (from the first border to the last)."""
+    blocks: list[list[str]] = []
+    lines = text.splitlines()
+    i = 0
+    while i < len(lines):
+        if lines[i].startswith("=="):
+            block = [lines[i]]
+            borders = 1
+            while borders < 3:
+                i += 1
+                block.append(lines[i])
+                borders += lines[i] == block[0]
+            blocks.append(block)
+        i += 1
+    return blocks
+
+
+def test_bench_scale_dry_run_lists_the_issue_matrix() -> None:
+    """Without options: 8 idle cells (1/2/4/8 workers x 1/2 webs) and 12 scale cells, an estimate."""
+    run = subprocess.run([*SCALE, "--dry-run"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=60)
+    assert run.returncode == 0, run.stderr
+    cells = run.stdout.splitlines()
+    assert len([c for c in cells if c.startswith("idle ")]) == 8
+    assert len([c for c in cells if c.startswith("scale ")]) == 12
+    assert "scale w=4 web=2 s=1000" in run.stdout and "idle w=8 web=2 s=1" in run.stdout
+    assert "20 cell(s)" in run.stderr and "estimated" in run.stderr
+
+
+def test_bench_scale_runs_a_tiny_matrix(tmp_path: Path) -> None:
+    """1 worker x 1 web: an idle cell and scale cells of 1 and 3 sockets; rows, RST tables, JSON, CSV."""
+    proc = subprocess.Popen([
+        *SCALE, "--idle-workers", "1", "--idle-webs", "1", "--idle-requests", "3",
+        "--idle-output-tokens", "3", "--scale-workers", "1", "--scale-webs", "1",
+        "--scale-sockets", "1,3", "--mock-ttft-ms", "20", "--mock-itl-ms", "10",
+        "--output-tokens", "10", "--worker-concurrency", "20", "--out", str(tmp_path)],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err and "3 cell(s)" in err
+    # One row per cell as it ends, then the two tables for the README.
+    rows = [line.split() for line in out.splitlines() if line.startswith(("idle ", "scale "))]
+    assert [r[:4] for r in rows] == [["idle", "1", "1", "1"], ["scale", "1", "1", "1"],
+                                     ["scale", "1", "1", "3"]]
+    tables = rst_blocks(out.split("reStructuredText for the README:", 1)[1])
+    assert len(tables) == 2
+    idle_table, scale_table = tables
+    assert len(rst_columns(idle_table)) == 8 and len(rst_columns(scale_table)) == 10
+    assert "added TTFT" in idle_table[1] and "CPU per job (ms)" in scale_table[1]
+    body = scale_table[4:-1]
+    assert [line.split()[:4] for line in body] == [["1", "1", "20", "1"], ["1", "1", "20", "3"]]
+    assert all(line.count(" = ") == 2 for line in body)  # CPU per job and per token, summed
+
+    data = json.loads((tmp_path / "scale.json").read_text())
+    assert data["format"] == "sluice-bench-scale/1" and data["rst"] in out
+    idle, one, three = data["cells"]
+    assert (idle["part"], idle["workers"], idle["webs"], idle["sockets"]) == ("idle", 1, 1, 1)
+    assert idle["requests"] == idle["ok"] >= 3 and idle["errors"] == 0
+    assert (idle["lost"], idle["dup"], idle["mismatch"]) == (0, 0, 0)
+    assert isinstance(idle["added_ttft_p50_ms"], float) and idle["tpot_ratio"] > 0
+    assert list(idle["jobs_per_worker"].values()) == [idle["requests"]]  # one worker ran all
+    assert idle["steps"]["jobs_per_worker_warm"] is not None
+    assert min(idle["steps"]["jobs_per_worker_warm"].values()) >= 2  # warmed before measuring
+    for cell, n in ((one, 1), (three, 3)):
+        assert cell["part"] == "scale" and cell["sockets"] == n and cell["error"] is None
+        assert cell["worker_concurrency"] == 20
+        assert cell["requests"] == cell["ok"] == n and cell["errors"] == cell["job_errors"] == 0
+        assert (cell["lost"], cell["dup"], cell["mismatch"]) == (0, 0, 0)
+        jobs = cell["steps"]["jobs"]["sluice"]["aggregate"]
+        assert jobs["ok"] == n and jobs["tokens"] == n  # the CPU-per-job step: 1-token jobs
+        assert cell["steps"]["tokens"]["sluice"]["aggregate"]["tokens"] == 10 * n
+        assert cell["steps"]["tokens"]["direct"]["aggregate"]["ok"] == n
+        for key in ("cpu_ms_per_job", "cpu_us_per_token", "cpu_ms_per_job_net"):
+            by = cell[key]
+            assert set(by) == {"web", "worker", "redis", "total"}
+            assert min(by.values()) >= 0
+            assert by["total"] == pytest.approx(by["web"] + by["worker"] + by["redis"])
+        assert isinstance(cell["added_ttft_p99_ms"], float) and cell["tpot_ratio"] > 0
+    assert one["cpu_us_per_token"]["total"] + three["cpu_us_per_token"]["total"] > 0
+
+    with (tmp_path / "scale.csv").open() as f:
+        csv_rows = list(csv.DictReader(f))
+    assert [(r["part"], r["sockets"]) for r in csv_rows] == [("idle", "1"), ("scale", "1"),
+                                                            ("scale", "3")]
+    assert csv_rows[2]["cpu_ms_per_job_worker"] != "" and csv_rows[2]["cpu_us_per_token_redis"]
+    assert csv_rows[0]["jobs_per_worker"] == str(idle["requests"])
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert f"-{proc.pid}@localhost" not in ps  # every cell's stack was stopped

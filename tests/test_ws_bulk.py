@@ -6,6 +6,7 @@ import json
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import openai
 import pytest
 import redis
 
@@ -391,3 +392,72 @@ def test_a_socket_that_cancels_on_disconnect_cancels_its_bulks(
     wait_for(lambda: r.hget(bulk, "status") == b"cancelled", 10, "the bulk to be cancelled")
     assert r.hmget(bulk, ["cancelled", "started"]) == [b"3", b"0"]
     assert leaks(r, key.key_id) == NOTHING
+
+
+# -- the same hold on the HTTP API -----------------------------------------------------------
+
+
+def sdk(ws_url: str, raw: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=ws_url.replace("ws://", "http://").replace("/ws", "/v1"),
+                         api_key=raw, max_retries=0)
+
+
+def test_a_held_http_request_waits_then_completes(
+        web: str, r: redis.Redis, admission: Admission) -> None:
+    """queue_instead_of_429 on the HTTP API: refused requests are held, then answered in full (streamed or not)."""
+    for stream in (False, True):
+        raw, key = new_key(r, "holds")  # 600 tokens/min: the ~14 tokens it needs refill in ~1.4 s
+        drain(admission, key)
+        prompt = f"held over http, stream={stream}"
+        with sdk(web, raw) as client:
+            if stream:
+                chunks = client.chat.completions.create(
+                    model="mock-1", messages=[{"role": "user", "content": prompt}],
+                    max_tokens=4, stream=True)
+                text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+            else:
+                text = client.chat.completions.create(
+                    model="mock-1", messages=[{"role": "user", "content": prompt}],
+                    max_tokens=4).choices[0].message.content or ""
+        assert text == expected(prompt)
+        # The pump counts an item out once it sees it end.
+        wait_for(lambda k=key.key_id: leaks(r, k) == NOTHING, 10,  # type: ignore[misc]
+                 "the held item to be counted out")
+        usage = admission.usage(key.key_id, 1)[0]
+        assert usage.requests == 2 and usage.rejected >= 1  # the drain's, then the held one's
+
+
+def test_a_held_http_request_past_its_wait_gets_429(
+        web: str, r: redis.Redis, admission: Admission) -> None:
+    """Held past its tier's queue_max_wait_s, an HTTP request gets the SDK's RateLimitError."""
+    raw, key = new_key(r, "holds_briefly")  # ~75 tokens needed: 7.5 s of refill, 1 s allowed
+    drain(admission, key)
+    with sdk(web, raw) as client, pytest.raises(openai.RateLimitError) as e:
+        client.chat.completions.create(
+            model="mock-1", messages=[{"role": "user", "content": "held too long"}],
+            max_tokens=64)
+    assert "queue_max_wait_s" in e.value.message
+    wait_for(lambda: leaks(r, key.key_id) == NOTHING, 10, "the held item to be counted out")
+
+
+def test_an_http_client_gone_while_held_leaks_nothing(
+        web: str, r: redis.Redis, admission: Admission) -> None:
+    """A streaming HTTP request closed while held: its item is dropped, nothing is left."""
+    raw, key = new_key(r, "holds")  # ~75 tokens needed: held ~7.5 s
+    drain(admission, key)
+    before = set(r.scan_iter(match=keys.bulk("*"), count=1000))
+    with sdk(web, raw) as client:
+        stream = client.chat.completions.create(
+            model="mock-1", messages=[{"role": "user", "content": "nobody waits for me"}],
+            max_tokens=64, stream=True)
+        stream.close()
+    found: list[bytes] = []
+
+    def dropped() -> bool:
+        found[:] = [b for b in set(r.scan_iter(match=keys.bulk("*"), count=1000)) - before
+                    if r.type(b) == b"hash" and r.hget(b, "owner") == key.key_id.encode()]
+        return bool(found) and all(r.hget(b, "cancelled") == b"1" for b in found)
+    wait_for(dropped, 10, "the held item to be dropped")
+    assert [r.hget(b, "started") for b in found] == [b"0"]
+    wait_for(lambda: leaks(r, key.key_id) == NOTHING, 10, "the held item to be counted out")
+    assert admission.usage(key.key_id, 1)[0].requests == 1  # the drain's; none other admitted

@@ -18,6 +18,7 @@ LAZY = {"keys": "app.cli.keys:keys", "usage": "app.cli.keys:usage",
         "bench": "app.cli.bench.cli:bench",
         "admission-bench": "app.cli.bench.admission:admission_bench",
         "bench-paths": "app.cli.bench.paths:bench_paths",
+        "bench-scale": "app.cli.bench.scale:bench_scale",
         "run": "app.cli.run:run", "flower": "app.cli.flower:flower",
         "soak": "app.cli.soak.cli:soak", "batch": "app.cli.batch:batch",
         "providers": "app.cli.providers:providers"}

@@ -7,5 +7,6 @@ measurement), :mod:`~app.cli.bench.sluice_client` and :mod:`~app.cli.bench.direc
 :mod:`~app.cli.bench.load` (load modes), :mod:`~app.cli.bench.runner`
 (steps, comparison, sweeps), :mod:`~app.cli.bench.stack` and :mod:`~app.cli.bench.cpu`
 (a private Sluice and its CPU accounting), :mod:`~app.cli.bench.stats`,
-:mod:`~app.cli.bench.output` and :mod:`~app.cli.bench.html` (results).
+:mod:`~app.cli.bench.output` and :mod:`~app.cli.bench.html` (results), and
+:mod:`~app.cli.bench.scale` (``sluice bench-scale``: a matrix of private stacks).
 """
