@@ -39,7 +39,7 @@ def post_worker_init(worker: Any) -> None:
                 if name.startswith("open-"):
                     base = snaps["before-" + name.split("-", 1)[1]]
                     lines = []
-                    for key in ("lineno", "traceback"):
+                    for key in ("filename", "lineno", "traceback"):
                         stats = snap.compare_to(base, key)
                         total = sum(s.size_diff for s in stats)
                         lines.append(f"== by {key}: total {total / 1024:,.0f} KiB")
