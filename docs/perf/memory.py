@@ -122,7 +122,7 @@ async def _client_worker(url: str, key: str, n: int, per_socket: int) -> None:
                     started.add(frame["job_id"])
                     if len(started) == n:
                         all_running.set()
-                elif kind in ("error", "done"):
+                elif kind in ("error", "done") and not stop.is_set():
                     print("unexpected", text[:200], file=sys.stderr, flush=True)
 
         reader = asyncio.create_task(read())
