@@ -26,7 +26,8 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
     settings = Settings.from_env(**(test_config or {}))
     app = Flask(__name__)
     app.config.from_mapping(
-        SOCK_SERVER_OPTIONS={"ping_interval": 25, "max_message_size": settings.max_frame_bytes},
+        SOCK_SERVER_OPTIONS={"ping_interval": 25, "max_message_size": settings.max_frame_bytes,
+                             "selector_class": ws.ReadableSelector},
     )
     front = app.extensions["sluice"] = FrontEnd.build(settings)
     app.extensions["sluice_bulk"] = BulkEngine(front.redis, settings, front.admission,

@@ -20,6 +20,18 @@ graceful_timeout = 30
 QUICK_SHUTDOWN_S = 1.0
 
 
+def post_fork(server: Any, worker: Any) -> None:
+    """Spawn greenlets without recording where they were spawned from.
+
+    gevent's default keeps, per greenlet, its spawner, the spawner's tree locals
+    and a summary of the spawning stack (about 2 KiB); a front end spawns
+    three greenlets per socket and uses none of it (see "Memory" in README.rst).
+    """
+    import gevent
+
+    gevent.config.track_greenlet_tree = False
+
+
 def post_worker_init(worker: Any) -> None:
     """Close every socket with a ``reconnect`` frame and 1001 as soon as SIGTERM arrives."""
     import signal

@@ -94,7 +94,8 @@ class SocketWriter:
         self.events = events
         self.jobs = jobs
         self.relay = relay
-        self.outbox: Queue[tuple[str, str, int, str]] = Queue(OUTBOX_FRAMES)
+        #: Frames and events to send; made with the writer greenlet, dropped with it.
+        self.outbox: Queue[tuple[str, str, int, str]] | None = None
         #: job id -> the next seq this client should receive
         self.following: dict[str, int] = {}
         self.lagging: set[str] = set()
@@ -106,14 +107,26 @@ class SocketWriter:
         self.greenlet: gevent.Greenlet | None = None
 
     def start(self) -> None:
-        """Start the writer greenlet."""
-        self.greenlet = gevent.spawn(self._run)
-        self.greenlet.link_exception(self._died)
+        """Make the socket ready to send.
+
+        The writer greenlet and its outbox exist only while there is something
+        to send or a job to follow: an idle socket costs neither (about 8 KiB
+        of a front end's memory per socket).  Whatever is queued starts them.
+        """
+
+    def _outbox(self) -> Queue[tuple[str, str, int, str]]:
+        """The outbox, with a writer greenlet running to empty it."""
+        if self.outbox is None:
+            self.outbox = Queue(OUTBOX_FRAMES)
+        if self.greenlet is None:
+            self.greenlet = gevent.spawn(self._run)
+            self.greenlet.link_exception(self._died)
+        return self.outbox
 
     def send(self, frame: str) -> None:
         """Queue a control frame; never dropped (a client that does not read
         holds up its own receive loop instead)."""
-        self.outbox.put(("frame", "", 0, frame))
+        self._outbox().put(("frame", "", 0, frame))
 
     def follow(self, job_id: str, next_seq: int, accepted_at: float | None = None) -> None:
         """Relay ``job_id``'s events from ``next_seq`` on (a job not followed yet)."""
@@ -161,21 +174,28 @@ class SocketWriter:
 
     def _put(self, item: tuple[str, str, int, str]) -> None:
         try:
-            self.outbox.put_nowait(item)
+            self._outbox().put_nowait(item)
         except Full:
             if item[1]:
                 self.lagging.add(item[1])
 
     # -- the writer greenlet ------------------------------------------------
     def _run(self) -> None:
+        outbox = self.outbox
+        assert outbox is not None
         while self.closing is None:
             job_id = ""
             try:
-                if self.outbox.empty() and self.lagging:
+                if outbox.empty() and self.lagging:
                     for job_id in list(self.lagging):
                         self._catch_up(job_id)
                         self.lagging.discard(job_id)
-                what, job_id, seq, frame = self.outbox.get()
+                if outbox.empty() and not self.following and not self.lagging:
+                    # Nothing to send or follow: end; the next frame starts a writer.
+                    self.greenlet = None
+                    self.outbox = None
+                    return
+                what, job_id, seq, frame = outbox.get()
                 if what == "frame":
                     self.ws.send(frame)
                 elif what == "catchup":
@@ -229,7 +249,7 @@ class SocketWriter:
         try:
             # Control frames already queued still go out; events do not: the
             # reconnect frame says where each job stands.
-            while True:
+            while self.outbox is not None:
                 try:
                     what, _, _, frame = self.outbox.get_nowait()
                 except Empty:

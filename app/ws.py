@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import selectors
 import time
 from typing import Any
 
@@ -18,6 +19,7 @@ import redis
 from flask import Blueprint, current_app, g, jsonify, request
 from flask.typing import ResponseReturnValue
 from flask_sock import Sock
+from gevent.socket import wait_read
 from simple_websocket import ConnectionClosed
 
 from app import metrics
@@ -45,6 +47,41 @@ REPLAY_EVENTS_PER_FRAME = 50
 #: end a validation, a share of one pipelined write and a follow, much less than
 #: a ``generate`` (its admission is the pump's), but not nothing.
 BULK_ITEMS_PER_FRAME = 10
+
+
+class ReadableSelector:
+    """The one-socket selector simple_websocket's ping loop needs, cheaper than gevent's.
+
+    The loop of each socket's reader waits with ``selector.select(until_next_ping)``
+    (truthy: readable; falsy: time to ping).  gevent's ``DefaultSelector`` keeps
+    a watcher, a callback, an event and their dicts per socket between calls;
+    this waits with :func:`gevent.socket.wait_read`, which holds a watcher only
+    while waiting (see "Memory" in README.rst).
+    """
+
+    __slots__ = ("_fd",)
+
+    def __init__(self) -> None:
+        self._fd = -1
+
+    def register(self, fileobj: Any, events: int, data: Any = None) -> None:
+        """Watch ``fileobj`` for reading (the only use simple_websocket makes of it)."""
+        fd = fileobj.fileno()
+        if fd < 0:
+            raise ValueError("the socket is closed")
+        self._fd = fd
+
+    def select(self, timeout: float | None = None) -> list[tuple[None, int]]:
+        """Wait until the socket is readable (``[(None, EVENT_READ)]``) or ``timeout`` passes."""
+        try:
+            wait_read(self._fd, timeout)
+        except TimeoutError:
+            return []
+        return [(None, selectors.EVENT_READ)]
+
+    def close(self) -> None:
+        """Forget the socket."""
+        self._fd = -1
 
 
 @bp.before_request
