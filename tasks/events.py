@@ -11,16 +11,14 @@ id of event ``seq`` is ``0-(seq+1)``: reading "after seq n" is an XRANGE from
 from __future__ import annotations
 
 import json
-from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-import gevent
 import redis
-from gevent.event import AsyncResult, Event
 
 from tasks import keys
 from tasks.budget import SETTLE_FUNCTION, Bill
+from tasks.coalesce import Coalescer, run_scripts
 
 TERMINAL = frozenset({"done", "error"})
 
@@ -209,14 +207,11 @@ class AppendBatcher:
     """
 
     MAX_BATCH = 256
-    TIMEOUT_S = 30.0
 
     def __init__(self, log: EventLog) -> None:
         self.log = log
-        self.queue: deque[tuple[str, int | None, Any, list[str], list[Any], AsyncResult]] = \
-            deque()
-        self.wakeup = Event()
-        self.sender: gevent.Greenlet | None = None
+        self.coalescer: Coalescer[tuple[str, int | None, Any, list[str], list[Any]]] = \
+            Coalescer(self._run, self.MAX_BATCH)
 
     def append(self, job_id: str, kind: str, body: dict[str, Any], *,
                lease_token: str = "", status: str = "", expect_seq: int | None = None,
@@ -224,55 +219,22 @@ class AppendBatcher:
         """Like :meth:`EventLog.append`; raises what it raises, and ``redis.RedisError``."""
         script, keys_, args = self.log.call(job_id, kind, body, lease_token, status,
                                             expect_seq, bill)
-        result: AsyncResult = AsyncResult()
-        self.queue.append((job_id, expect_seq, script, keys_, args, result))
-        self.wakeup.set()
-        if self.sender is None or self.sender.dead:
-            self.sender = gevent.spawn(self._send)
-        try:
-            appended: Appended = result.get(timeout=self.TIMEOUT_S)
-        except gevent.Timeout as e:
-            raise redis.TimeoutError(f"append of job {job_id} got no reply") from e
+        appended: Appended = self.coalescer.call((job_id, expect_seq, script, keys_, args),
+                                                 f"append of job {job_id}")
         return appended
 
-    def _send(self) -> None:
-        while True:
-            if not self.queue:
-                self.wakeup.clear()
-                self.wakeup.wait()
-                continue
-            batch = [self.queue.popleft()
-                     for _ in range(min(len(self.queue), self.MAX_BATCH))]
+    def _run(self, batch: list[tuple[str, int | None, Any, list[str], list[Any]]]
+             ) -> list[Appended | Exception]:
+        # Safe to run again whole after NOSCRIPT: every append names its seq.
+        raws = run_scripts(self.log.redis, [(script, keys_, args)
+                                            for _, _, script, keys_, args in batch])
+        replies: list[Appended | Exception] = []
+        for (job_id, expect_seq, *_), raw in zip(batch, raws, strict=True):
             try:
-                replies = self._execute(batch)
-            except Exception as e:  # noqa: BLE001 - every waiting writer must hear of it
-                failure = e if isinstance(e, redis.RedisError) else redis.RedisError(repr(e))
-                for *_, result in batch:
-                    result.set_exception(failure)
-                continue
-            for (job_id, expect_seq, *_, result), raw in zip(batch, replies, strict=True):
-                try:
-                    result.set(EventLog.reply(job_id, expect_seq, raw))
-                except (LeaseLostError, LogMismatchError) as e:
-                    result.set_exception(e)
-
-    def _execute(self, batch: list[Any]) -> list[Any]:
-        # EVALSHA directly: a pipeline running Script objects would first ask
-        # SCRIPT EXISTS, one more round trip per batch.
-        for attempt in range(2):
-            pipe = self.log.redis.pipeline(transaction=False)
-            for _, _, script, keys_, args, _ in batch:
-                pipe.evalsha(script.sha, len(keys_), *keys_, *args)
-            try:
-                return list(pipe.execute())
-            except redis.exceptions.NoScriptError:
-                if attempt:
-                    raise
-                # Redis restarted, or a script's first use: the batch runs
-                # again whole, which is safe because every append names its seq.
-                for script in {item[2] for item in batch}:
-                    self.log.redis.script_load(script.script)
-        raise AssertionError("unreachable")
+                replies.append(EventLog.reply(job_id, expect_seq, raw))
+            except (LeaseLostError, LogMismatchError) as e:
+                replies.append(e)
+        return replies
 
 
 def entry_seq(entry_id: bytes | str) -> int:

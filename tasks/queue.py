@@ -13,20 +13,18 @@ import base64
 import json
 import logging
 import uuid
-from collections import deque
 from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlparse
 
-import gevent
 import redis
 from celery import Celery
 from celery.app.amqp import AMQP
 from celery.utils.nodenames import anon_nodename
 from celery.utils.saferepr import saferepr
-from gevent.event import AsyncResult, Event
 
 from tasks.budget import Bill, Budget
+from tasks.coalesce import Coalescer, run_scripts
 from tasks.config import Settings
 from tasks.events import EventLog
 from tasks.jobs import JOB_ID, JobSpec, JobStore
@@ -147,16 +145,12 @@ class StartBatcher:
     #: Jobs per message: enough to make a burst cheap, few enough that the jobs
     #: of one message (which all run on the worker that takes it) spread over workers.
     MAX_BATCH = 32
-    TIMEOUT_S = 30.0
 
     def __init__(self, jobs: JobStore, messages: TaskMessages, max_batch: int = MAX_BATCH
                  ) -> None:
         self.jobs = jobs
         self.messages = messages
-        self.max_batch = max_batch
-        self.queue: deque[tuple[str, JobSpec, AsyncResult]] = deque()
-        self.wakeup = Event()
-        self.sender: gevent.Greenlet | None = None
+        self.coalescer: Coalescer[tuple[str, JobSpec]] = Coalescer(self._run, max_batch)
         #: Broker messages and jobs sent so far (for tests and figures).
         self.sent_messages = 0
         self.sent_jobs = 0
@@ -169,60 +163,23 @@ class StartBatcher:
         """
         if spec.session:
             raise ValueError("a chat session's job is created on its own")
-        result: AsyncResult = AsyncResult()
-        self.queue.append((job_id, spec, result))
-        self.wakeup.set()
-        if self.sender is None or self.sender.dead:
-            self.sender = gevent.spawn(self._send)
-        try:
-            position: int = result.get(timeout=self.TIMEOUT_S)
-        except gevent.Timeout as e:
-            raise redis.TimeoutError(f"creating job {job_id} got no reply") from e
-        return position
+        return int(self.coalescer.call((job_id, spec), f"creating job {job_id}"))
 
-    def _send(self) -> None:
-        while True:
-            if not self.queue:
-                self.wakeup.clear()
-                self.wakeup.wait()
-                continue
-            batch = [self.queue.popleft() for _ in range(min(len(self.queue), self.max_batch))]
-            by_queue: dict[str, list[tuple[str, JobSpec, AsyncResult]]] = {}
-            for item in batch:
-                by_queue.setdefault(item[1].queue, []).append(item)
-            groups = list(by_queue.values())
-            try:
-                replies = self._execute(groups)
-            except Exception as e:  # noqa: BLE001 - every waiting submitter must hear of it
-                failure = e if isinstance(e, redis.RedisError) else redis.RedisError(repr(e))
-                for *_, result in batch:
-                    result.set_exception(failure)
-                continue
-            self.sent_messages += len(groups)
-            self.sent_jobs += len(batch)
-            for group, waiting in zip(groups, replies, strict=True):
-                for _, _, result in group:
-                    result.set(int(waiting))
-
-    def _execute(self, groups: list[list[tuple[str, JobSpec, AsyncResult]]]) -> list[Any]:
-        calls = [self.jobs.create_many_call(
-            [(job_id, spec) for job_id, spec, _ in group],
-            self.messages.render([job_id for job_id, _, _ in group], group[0][1].queue))
-            for group in groups]
-        for attempt in range(2):
-            # EVALSHA directly: a pipeline running Script objects would first ask
-            # SCRIPT EXISTS.  Every call runs the same script, so on NOSCRIPT
-            # none of them ran and the batch may be sent again whole.
-            pipe = self.jobs.redis.pipeline(transaction=False)
-            for script, keys_, args in calls:
-                pipe.evalsha(script.sha, len(keys_), *keys_, *args)
-            try:
-                return list(pipe.execute())
-            except redis.exceptions.NoScriptError:
-                if attempt:
-                    raise
-                self.jobs.redis.script_load(calls[0][0].script)
-        raise AssertionError("unreachable")
+    def _run(self, batch: list[tuple[str, JobSpec]]) -> list[int]:
+        """One CREATE_MANY call (one message) per queue; each job's reply is its queue's wait."""
+        by_queue: dict[str, list[tuple[str, JobSpec]]] = {}
+        for job_id, spec in batch:
+            by_queue.setdefault(spec.queue, []).append((job_id, spec))
+        groups = list(by_queue.values())
+        # Every call runs the same script: after NOSCRIPT none ran, and all run again.
+        waiting = run_scripts(self.jobs.redis, [self.jobs.create_many_call(
+            group, self.messages.render([job_id for job_id, _ in group], group[0][1].queue))
+            for group in groups])
+        self.sent_messages += len(groups)
+        self.sent_jobs += len(batch)
+        position = {job_id: int(w) for group, w in zip(groups, waiting, strict=True)
+                    for job_id, _ in group}
+        return [position[job_id] for job_id, _ in batch]
 
 
 class Dispatcher:
