@@ -9,6 +9,7 @@ is in flight gather and go out together in the next.  Needs gevent.
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any, Generic, TypeVar
@@ -20,6 +21,8 @@ from redis.commands.core import Script
 
 T = TypeVar("T")
 
+log = logging.getLogger(__name__)
+
 
 class Coalescer(Generic[T]):
     """Runs items in batches of at most ``max_batch``, one sender greenlet per process.
@@ -27,7 +30,8 @@ class Coalescer(Generic[T]):
     ``run`` takes a batch and returns one reply per item, in order; a reply
     that is an exception is raised to that item's caller alone.  If ``run``
     itself raises, every caller of the batch gets the error (as a
-    ``redis.RedisError``).
+    ``redis.RedisError``).  A caller that does not need the reply hands
+    its item to :meth:`submit` and goes on; its errors are logged.
 
     Example::
 
@@ -40,7 +44,8 @@ class Coalescer(Generic[T]):
         self.run = run
         self.max_batch = max_batch
         self.timeout_s = timeout_s
-        self.queue: deque[tuple[T, AsyncResult]] = deque()
+        # (item, where its reply goes or None, what it is)
+        self.queue: deque[tuple[T, AsyncResult | None, str]] = deque()
         self.wakeup = Event()
         self.sender: gevent.Greenlet | None = None
 
@@ -52,14 +57,21 @@ class Coalescer(Generic[T]):
         :raises Exception: the item's own error, or the batch's.
         """
         result: AsyncResult = AsyncResult()
-        self.queue.append((item, result))
-        self.wakeup.set()
-        if self.sender is None or self.sender.dead:
-            self.sender = gevent.spawn(self._send)
+        self._put(item, result, what)
         try:
             return result.get(timeout=self.timeout_s)
         except gevent.Timeout as e:
             raise redis.TimeoutError(f"{what} got no reply") from e
+
+    def submit(self, item: T, what: str) -> None:
+        """Run ``item`` in the next batch without waiting; a failure is logged, naming ``what``."""
+        self._put(item, None, what)
+
+    def _put(self, item: T, result: AsyncResult | None, what: str) -> None:
+        self.queue.append((item, result, what))
+        self.wakeup.set()
+        if self.sender is None or self.sender.dead:
+            self.sender = gevent.spawn(self._send)
 
     def _send(self) -> None:
         while True:
@@ -69,14 +81,15 @@ class Coalescer(Generic[T]):
                 continue
             batch = [self.queue.popleft() for _ in range(min(len(self.queue), self.max_batch))]
             try:
-                replies = self.run([item for item, _ in batch])
+                replies = self.run([item for item, _, _ in batch])
             except Exception as e:  # noqa: BLE001 - every waiting caller must hear of it
                 failure = e if isinstance(e, redis.RedisError) else redis.RedisError(repr(e))
-                for _, result in batch:
-                    result.set_exception(failure)
-                continue
-            for (_, result), reply in zip(batch, replies, strict=True):
-                if isinstance(reply, BaseException):
+                replies = [failure] * len(batch)
+            for (_, result, what), reply in zip(batch, replies, strict=True):
+                if result is None:
+                    if isinstance(reply, BaseException):
+                        log.warning("%s failed: %r", what, reply)
+                elif isinstance(reply, BaseException):
                     result.set_exception(reply)
                 else:
                     result.set(reply)

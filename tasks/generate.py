@@ -202,12 +202,15 @@ class Attempt:
         if self.job.cancel_requested:
             self._finish_cancelled(self._bill(0, 0))
             return True
-        # Admission set the slot to outlive one attempt; a job that waited in
-        # a queue, or runs again, gets a full term from now.
-        try:
-            self.rt.budget.touch(jid, self.rt.settings.slot_ttl_s * 1000, self.job.spec.owner)
-        except redis.RedisError as e:
-            log.warning("job %s: could not renew its concurrency slot: %s", jid, e)
+        # Admission set the slot to outlive one attempt (two job timeouts): a
+        # job that waited in a queue for half a timeout, or runs again, gets a
+        # full term from now.  One that started at once needs no round trip.
+        waited_ms = (self.job.started_ms or self.job.created_ms) - self.job.created_ms
+        if attempt > 1 or waited_ms > self.rt.settings.job_timeout_s * 500:
+            try:
+                self.rt.budget.touch(jid, self.rt.settings.slot_ttl_s * 1000, self.job.spec.owner)
+            except redis.RedisError as e:
+                log.warning("job %s: could not renew its concurrency slot: %s", jid, e)
         self.t_start = t_start = time.monotonic()
         if not self.stop.is_set():  # a cancel or a lost lease may have come already
             writer = gevent.spawn(self._write_tokens)

@@ -11,6 +11,7 @@ from typing import Any, Literal
 import redis
 
 from tasks import keys
+from tasks.coalesce import Coalescer
 
 JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 FINAL = frozenset({"done", "error", "cancelled"})
@@ -303,6 +304,8 @@ class JobStore:
         self._claim = client.register_script(CLAIM_ORPHANS)
         self._track = client.register_script(TRACK)
         self._claim_unstarted = client.register_script(CLAIM_UNSTARTED)
+        # Client TTFTs are written in the background, many per round trip.
+        self._ttfts: Coalescer[tuple[str, float]] = Coalescer(self._write_ttfts, max_batch=256)
 
     def create(self, spec: JobSpec, job_id: str | None = None, message: str = ""
                ) -> tuple[str, int]:
@@ -374,8 +377,17 @@ class JobStore:
         return _text(value) if value is not None else None
 
     def record_client_ttft(self, job_id: str, ms: float) -> None:
-        """Record when the submitting client got its first token (ms after acceptance)."""
-        self.redis.hsetnx(keys.job(job_id), "client_ttft_ms", round(ms, 3))
+        """Record when the submitting client got its first token (ms after acceptance).
+
+        Never blocks: the write joins the next batch (a failure is logged).
+        """
+        self._ttfts.submit((job_id, round(ms, 3)), what=f"recording job {job_id}'s client TTFT")
+
+    def _write_ttfts(self, batch: list[tuple[str, float]]) -> list[Any]:
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id, ms in batch:
+            pipe.hsetnx(keys.job(job_id), "client_ttft_ms", ms)
+        return list(pipe.execute(raise_on_error=False))
 
     def client_ttft_ms(self, job_id: str) -> float | None:
         """The client-facing TTFT a front end recorded, if any."""
