@@ -36,7 +36,10 @@ from tasks.runtime import Finish, ProviderError, Usage
 POOLS = 16
 #: How long to wait for the end of the body after ``data: [DONE]``; a body read
 #: to its end puts the connection back in the pool, one cut short closes it.
-DRAIN_S = 0.1
+#: The wait happens after the job has ended (see :class:`Completion`), so it can
+#: be generous: a busy process may not come back to a drain for a while, and a
+#: drain cut short costs the next request a new connection.
+DRAIN_S = 5.0
 
 
 class Providers:
@@ -177,16 +180,35 @@ class Provider:
 
 
 class Completion:
-    """An open completion stream; closing it closes the HTTP response."""
+    """An open completion stream; closing it closes the HTTP response.
+
+    A stream that reached ``data: [DONE]`` yields its :class:`Finish` at once;
+    the end of its body is read afterwards, in the background, so that the
+    connection goes back to its pool without delaying the job's end.
+    """
 
     def __init__(self, response: httpx2.Response, on_close: Callable[[], None]) -> None:
         self._response = response
         self._on_close: Callable[[], None] | None = on_close
+        self._body: Iterator[bytes] | None = None  # set once [DONE] was read: to drain
 
     def __enter__(self) -> Iterator[str | Finish]:
         return self._pieces()
 
     def __exit__(self, *exc: object) -> None:
+        if self._body is not None:
+            gevent.spawn(self._drain_and_close, self._body)
+            self._body = None
+        else:
+            self._close()
+
+    def _drain_and_close(self, body: Iterator[bytes]) -> None:
+        try:
+            _drain(body)
+        finally:
+            self._close()
+
+    def _close(self) -> None:
         self._response.close()
         if self._on_close is not None:
             self._on_close()
@@ -227,7 +249,7 @@ class Completion:
             # A stream cut before [DONE] can end quietly.
             raise ProviderError("provider_stream_broken", "stream ended without finish_reason",
                                 failover=True)
-        _drain(body)
+        self._body = body
         headers = self._response.headers
         yield Finish(reason, usage, _int(headers.get("x-ratelimit-remaining-tokens")),
                      duration_s(headers.get("x-ratelimit-reset-tokens")))
