@@ -23,20 +23,20 @@ counts the connection dead when nothing, not even the PONG, came back for
 from __future__ import annotations
 
 import logging
+import os
 import time
 import uuid
 from collections import defaultdict, deque
 from typing import Protocol
 
 import gevent
+import gevent.select
 import redis
 
 from tasks import keys
 
 log = logging.getLogger(__name__)
 
-#: How long the reader waits for a message before sending queued commands.
-POLL_S = 0.02
 #: Channels per SUBSCRIBE when resubscribing after a reconnect.
 BATCH = 1000
 #: How often an idle pub/sub connection is asked to prove it is alive.
@@ -96,10 +96,18 @@ class Relay:
         self.lost = False
         #: When Redis last answered on the pub/sub connection (monotonic seconds).
         self.heard = time.monotonic()
+        # Written to when commands are queued: wakes the reader wherever it
+        # waits.  Made by the process that runs the reader (see start()).
+        self._wake_r = self._wake_w = -1
+        self._woken = False
 
     def start(self) -> None:
         """Start listening, if not already; never blocks."""
         if self.reader is None or self.reader.dead:
+            if self._wake_r < 0:
+                self._wake_r, self._wake_w = os.pipe()
+                os.set_blocking(self._wake_r, False)
+                os.set_blocking(self._wake_w, False)
             self.reader = gevent.spawn(self._run)
 
     def follow(self, job_id: str, follower: Follower) -> None:
@@ -114,6 +122,7 @@ class Relay:
         if first:
             self.unconfirmed[job_id] += 1
             self.commands.append(("subscribe", keys.wake(job_id)))
+            self._wake()
         elif not self.unconfirmed.get(job_id):
             follower.on_catchup(job_id)
 
@@ -126,6 +135,16 @@ class Relay:
         if not followers:
             del self.followers[job_id]
             self.commands.append(("unsubscribe", keys.wake(job_id)))
+            self._wake()
+
+    def _wake(self) -> None:
+        # One byte per wait is enough; the reader sends everything queued.
+        if not self._woken and self._wake_w >= 0:
+            self._woken = True
+            try:
+                os.write(self._wake_w, b"!")
+            except BlockingIOError:
+                pass  # the pipe is full: the reader has plenty to wake it
 
     def _run(self) -> None:
         down_since: float | None = None
@@ -162,7 +181,11 @@ class Relay:
         self.heard = next_ping = time.monotonic()
         while True:
             self._send_commands(pubsub)
-            message = pubsub.get_message(timeout=POLL_S)
+            message = pubsub.get_message(timeout=0)
+            if message is None:
+                # Nothing buffered: wait for Redis, a queued command, or the next ping.
+                self._wait(pubsub, next_ping - time.monotonic())
+                message = pubsub.get_message(timeout=0)
             now = time.monotonic()
             while message is not None:
                 self.heard = now
@@ -173,6 +196,20 @@ class Relay:
                     raise redis.TimeoutError(f"no reply from Redis for {now - self.heard:.1f}s")
                 pubsub.ping()
                 next_ping = now + PING_S
+
+    def _wait(self, pubsub: redis.client.PubSub, timeout_s: float) -> None:
+        """Wait until the connection is readable, commands are queued, or ``timeout_s`` passes."""
+        if self.commands:
+            return
+        sock = pubsub.connection._sock if pubsub.connection is not None else None
+        fds = [self._wake_r] if sock is None else [sock.fileno(), self._wake_r]
+        readable, _, _ = gevent.select.select(fds, [], [], max(0.0, timeout_s))
+        if self._wake_r in readable or self._woken:
+            self._woken = False
+            try:
+                os.read(self._wake_r, 4096)
+            except BlockingIOError:
+                pass
 
     def _resubscribe(self, pubsub: redis.client.PubSub) -> None:
         # A new connection: everything followed is subscribed afresh, and each
