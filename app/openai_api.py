@@ -232,6 +232,7 @@ def _stream(feed: JobFeed, completion: Completion, client: Any, jobs: JobStore,
     or the feed sees the hangup), so the ``finally`` always unfollows.
     """
     sent = False
+    frames = 0  # added to sluice_frames_sent_total once, at the end
     try:
         with feed:
             feed.watch_hangup(client)
@@ -245,7 +246,7 @@ def _stream(feed: JobFeed, completion: Completion, client: Any, jobs: JobStore,
                 kind = frame_kind(frame)
                 if kind == "token":
                     yield completion.content(token_json(frame))
-                    metrics.FRAMES_SENT.inc()
+                    frames += 1
                     if not sent:
                         sent = True
                         _record_ttft(jobs, feed.job_id, accepted)
@@ -269,6 +270,7 @@ def _stream(feed: JobFeed, completion: Completion, client: Any, jobs: JobStore,
         yield completion.error("unavailable", "the gateway lost Redis while streaming; "
                                f"resume job {feed.job_id} over the WebSocket")
     finally:
+        metrics.FRAMES_SENT.inc(frames)
         feed.close()
         if not feed.ended:
             gone()

@@ -105,6 +105,8 @@ class SocketWriter:
         self.closing: Closing | None = None
         self.said_goodbye = False
         self.greenlet: gevent.Greenlet | None = None
+        #: Event frames sent and not yet added to ``sluice_frames_sent_total``.
+        self.unreported = 0
 
     def start(self) -> None:
         """Make the socket ready to send.
@@ -138,6 +140,7 @@ class SocketWriter:
 
     def unfollow_all(self) -> list[str]:
         """Stop following every job; return the ids of those not yet ended."""
+        self._report_frames()
         ids = list(self.following)
         for job_id in ids:
             self.relay.unfollow(job_id, self)
@@ -227,7 +230,9 @@ class SocketWriter:
 
     def _deliver(self, job_id: str, seq: int, frame: str) -> None:
         self.ws.send(frame)
-        metrics.FRAMES_SENT.inc()
+        # Counted once per job (a Prometheus increment takes a lock, and a
+        # file write when several processes share the metrics).
+        self.unreported += 1
         self.following[job_id] = seq + 1
         kind = frame_kind(frame)
         if job_id in self.accepted_at and kind in ("token", *TERMINAL):
@@ -241,6 +246,12 @@ class SocketWriter:
             del self.following[job_id]
             metrics.FOLLOWED_JOBS.dec()
             self.relay.unfollow(job_id, self)
+            self._report_frames()
+
+    def _report_frames(self) -> None:
+        if self.unreported:
+            metrics.FRAMES_SENT.inc(self.unreported)
+            self.unreported = 0
 
     def _goodbye(self, closing: Closing) -> None:
         if self.said_goodbye:
