@@ -52,7 +52,7 @@ class FrontEnd:
         """Build the parts; nothing connects until first used."""
         client = settings.redis_client()
         jobs = JobStore(client, settings.job_ttl_s)
-        events = EventLog(client, settings.event_ttl_s)
+        events = EventLog(client, settings.event_ttl_s, batch_reads=True)
         admission = Admission.from_settings(settings, client)
         celery = make_celery(settings)  # a producer: the front end runs no task
         dispatcher = Dispatcher(celery, jobs, events, admission.budget)

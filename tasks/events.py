@@ -129,9 +129,11 @@ class EventLog:
             ...
     """
 
-    def __init__(self, client: redis.Redis, ttl_s: int) -> None:
+    def __init__(self, client: redis.Redis, ttl_s: int, *, batch_reads: bool = False) -> None:
         self.redis = client
         self.ttl_s = ttl_s
+        self._reads: Coalescer[tuple[str, int]] | None = \
+            Coalescer(self._read_batch, max_batch=256) if batch_reads else None
         self._append = client.register_script(APPEND)
         self._finish = client.register_script(FINISH)
 
@@ -182,10 +184,25 @@ class EventLog:
         return Appended(int(seq), bool(cancel), int(settled[0]) if settled else None)
 
     def read(self, job_id: str, after: int = -1, count: int | None = None) -> list[tuple[int, str]]:
-        """Return the events with ``seq > after`` as ``(seq, frame)`` pairs, in order."""
+        """Return the events with ``seq > after`` as ``(seq, frame)`` pairs, in order.
+
+        With ``batch_reads`` (a front end: every socket catches up here),
+        reads made while one is in flight go to Redis together, in one pipeline.
+        """
+        if self._reads is not None and count is None:
+            events: list[tuple[int, str]] = self._reads.call(
+                (job_id, after), what=f"reading job {job_id}'s log")
+            return events
         entries: list[tuple[bytes, dict[bytes, bytes]]] = self.redis.xrange(  # type: ignore[assignment]
             keys.log(job_id), f"0-{after + 2}", "+", count=count)
-        return [(entry_seq(eid), fields[b"f"].decode()) for eid, fields in entries]
+        return _events(entries)
+
+    def _read_batch(self, batch: list[tuple[str, int]]) -> list[Any]:
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id, after in batch:
+            pipe.xrange(keys.log(job_id), f"0-{after + 2}", "+")
+        return [entries if isinstance(entries, Exception) else _events(entries)
+                for entries in pipe.execute(raise_on_error=False)]
 
     def exists(self, job_id: str) -> bool:
         """Whether the job's record is still in Redis (it may have expired)."""
@@ -235,6 +252,10 @@ class AppendBatcher:
             except (LeaseLostError, LogMismatchError) as e:
                 replies.append(e)
         return replies
+
+
+def _events(entries: list[tuple[bytes, dict[bytes, bytes]]]) -> list[tuple[int, str]]:
+    return [(entry_seq(eid), fields[b"f"].decode()) for eid, fields in entries]
 
 
 def entry_seq(entry_id: bytes | str) -> int:
