@@ -207,8 +207,9 @@ class Parser(DefaultParser):  # type: ignore[misc,valid-type]
     data (``can_read()``, with no wait), by polling its socket: with gevent's
     patched ``select.poll`` that builds and starts a watcher and goes through
     the hub, about 9 % of a worker's and 10 % of a front end's CPU under load
-    (py-spy).  A zero-timeout poll never blocks, so the system call does;
-    anything but "nothing to read, no wait" is left to redis-py.
+    (py-spy).  A zero-timeout poll never blocks, so the operating system's
+    own ``poll()`` answers it, without the hub; anything but "nothing to
+    read, no wait" is left to redis-py.
     """
 
     def can_read(self, timeout: float = 0) -> bool:
