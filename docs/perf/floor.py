@@ -11,6 +11,7 @@ design built on these parts can be read off:
 
 * ``openai`` SDK request: Sluice's provider path (``workers/provider.py``:
   ``client.post`` + the SDK's ``SSEDecoder``, a 1-token stream from the mock),
+  and each further chunk of a 500-chunk stream on the same path,
   the SDK's documented ``chat.completions.create(stream=True)``, and httpx
   alone (the transport under the SDK), CPU of the client process only;
 * Celery: a no-op task on a gevent worker over Redis, CPU of the worker per
@@ -74,14 +75,19 @@ def per_op(fn: Callable[[], None], n: int, runs: int = 3) -> float:
     return statistics.median(out)
 
 
-def sdk(n: int) -> dict[str, float]:
+def start_mock(tokens: int) -> tuple[subprocess.Popen[str], str]:
     mock = subprocess.Popen([sys.executable, "-c", "from app.cli.dev.mockllm import serve, "
                              "MockConfig; serve(MockConfig(ttft_ms=0, itl_ms=0, "
-                             "output_tokens=1), port=0)"], stdout=subprocess.PIPE, text=True,
-                            cwd=ROOT)
+                             f"output_tokens={tokens}), port=0)"], stdout=subprocess.PIPE,
+                            text=True, cwd=ROOT)
+    assert mock.stdout is not None
+    return mock, mock.stdout.readline().split("listening on ", 1)[1].split()[0]
+
+
+def sdk(n: int) -> dict[str, float]:
+    mock, url = start_mock(1)
+    long_mock, long_url = start_mock(500)
     try:
-        assert mock.stdout is not None
-        url = mock.stdout.readline().split("listening on ", 1)[1].split()[0]
         ours = Provider(Settings(openai_base_url=url, provider_max_retries=0))
         client = openai.OpenAI(base_url=url, api_key="sk-none", max_retries=0)
         plain = httpx2.Client(base_url=url)
@@ -105,12 +111,24 @@ def sdk(n: int) -> dict[str, float]:
                 for _ in r.iter_bytes():
                     pass
 
-        return {"openai SDK request, Sluice's path": per_op(sluice_path, n // 4),
+        long_ = Provider(Settings(openai_base_url=long_url, provider_max_retries=0))
+
+        def chunks() -> None:
+            with long_.stream("mock-1", MSGS, 500) as pieces:
+                for _ in pieces:
+                    pass
+            gevent.sleep(0)
+
+        per_request = per_op(sluice_path, n // 4)
+        per_chunk = (per_op(chunks, max(3, n // 100)) - per_request) / 500
+        return {"openai SDK request, Sluice's path": per_request,
+                "openai SDK stream, Sluice's path: each further SSE chunk": per_chunk,
                 "openai SDK request, chat.completions.create": per_op(documented, n // 4),
                 "httpx request alone (under the SDK)": per_op(httpx_alone, n // 4)}
     finally:
-        mock.terminate()
-        mock.wait(10)
+        for m in (mock, long_mock):
+            m.terminate()
+            m.wait(10)
 
 
 CELERY_APP = """
