@@ -107,6 +107,7 @@ class InlineServer(simple_websocket.Server):  # type: ignore[misc]
     pong_received: bool
     ping_interval: float | None
     receive_bytes: int
+    environ: dict[str, Any]
 
     def __init__(self, environ: dict[str, Any], **options: Any) -> None:
         options.update(thread_class=_no_thread, event_class=Wakeup)
@@ -117,6 +118,21 @@ class InlineServer(simple_websocket.Server):  # type: ignore[misc]
         self.ws = self.ws.connection
         #: When the next ping is due (``None``: no pings).
         self.next_ping = monotonic() + self.ping_interval if self.ping_interval else None
+
+    def handshake(self) -> None:
+        """simple_websocket's handshake, accepting no extension the client offers.
+
+        simple_websocket accepts ``permessage-deflate`` (browsers offer it), and
+        wsproto then keeps a zlib compressor per socket from its first message
+        on: about 100 KiB of a front end's memory per idle socket, for frames
+        (JSON tokens) that compress little one at a time.
+        """
+        environ = self.environ
+        self.environ = {k: v for k, v in environ.items() if k != "HTTP_SEC_WEBSOCKET_EXTENSIONS"}
+        try:
+            super().handshake()
+        finally:
+            self.environ = environ
 
     def receive(self, timeout: float | None = None) -> Any:
         """The next message (``str`` or ``bytes``); ``None`` once ``timeout`` passes.

@@ -137,3 +137,15 @@ def test_a_stream_flows_while_the_socket_waits_for_frames_and_pings(
     assert events[-1]["type"] == "done"
     assert [e["seq"] for e in events] == list(range(len(events)))
 
+
+def test_compression_is_not_negotiated(pinging_web: str, api_key: str) -> None:
+    """A client offering permessage-deflate (browsers do) gets a socket without it, and is served."""
+    ws = websocket.create_connection(pinging_web, timeout=10, header=[
+        f"Authorization: Bearer {api_key}",
+        "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits"])
+    try:
+        assert "sec-websocket-extensions" not in {k.lower() for k in ws.getheaders()}
+        ws.send(json.dumps({"type": "cancel", "ref": "z", "job_id": NO_JOB}))
+        assert json.loads(ws.recv())["code"] == "unknown_job"
+    finally:
+        ws.close()
