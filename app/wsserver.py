@@ -15,6 +15,8 @@ pings of ``ping_interval`` between reads.  With the handshake state dropped,
 Sending does not involve the reader, so another greenlet may send (and close)
 while the handler waits in ``receive()``; ``event.set()`` — simple_websocket's
 way to wake a waiting ``receive()`` — wakes it to see the socket closed.
+Every send is whole and one at a time (:class:`WholeSends`), and no
+extension (``permessage-deflate``) is negotiated.
 
 It overrides ``receive`` and relies on ``Base``'s attributes and
 ``_handle_events`` as simple_websocket 1.1 has them (pinned in setup.cfg).
@@ -28,6 +30,7 @@ from typing import Any
 import simple_websocket
 from flask import Response
 from gevent import get_hub
+from gevent.lock import Semaphore
 from gevent.monkey import get_original
 from gevent.socket import wait as wait_on_watcher
 from simple_websocket import ConnectionClosed
@@ -88,6 +91,46 @@ class Wakeup:
         """Nothing to clear: the event holds no state between waits."""
 
 
+class WholeSends:
+    """A connection's socket as simple_websocket uses it, each send whole and one at a time.
+
+    simple_websocket 1.1 sends with ``sock.send`` and ignores the count it
+    returns: when a slow client has left little room in the socket's buffer,
+    the end of a frame is lost and the stream is corrupt from there on
+    (simple-websocket issue #45).  And the writer greenlet (a frame) and the
+    handler (a ping, a pong, a close) may send at once: gevent refuses a second
+    greenlet waiting to write on a socket (``ConcurrentObjectUseError``), and
+    two partial sends would interleave.  Here a send is a ``sendall`` under
+    the connection's lock.
+    """
+
+    __slots__ = ("lock", "sock")
+
+    def __init__(self, sock: Any) -> None:
+        self.sock = sock
+        self.lock = Semaphore()
+
+    def send(self, data: bytes) -> int:
+        """Send all of ``data``, after any send in progress."""
+        with self.lock:
+            self.sock.sendall(data)
+        return len(data)
+
+    def recv(self, size: int) -> bytes:
+        """Read up to ``size`` bytes."""
+        data: bytes = self.sock.recv(size)
+        return data
+
+    def fileno(self) -> int:
+        """The socket's file descriptor."""
+        fd: int = self.sock.fileno()
+        return fd
+
+    def close(self) -> None:
+        """Close the socket."""
+        self.sock.close()
+
+
 class InlineServer(simple_websocket.Server):  # type: ignore[misc]
     """A :class:`simple_websocket.Server` with no reader thread; ``receive()`` reads.
 
@@ -100,7 +143,7 @@ class InlineServer(simple_websocket.Server):  # type: ignore[misc]
 
     # simple_websocket's attributes this class uses (set by its __init__).
     event: Wakeup
-    sock: Any
+    sock: WholeSends
     ws: Any
     connected: bool
     input_buffer: list[Any]
@@ -120,13 +163,15 @@ class InlineServer(simple_websocket.Server):  # type: ignore[misc]
         self.next_ping = monotonic() + self.ping_interval if self.ping_interval else None
 
     def handshake(self) -> None:
-        """simple_websocket's handshake, accepting no extension the client offers.
+        """simple_websocket's handshake, on a :class:`WholeSends` socket, accepting no extension.
 
         simple_websocket accepts ``permessage-deflate`` (browsers offer it), and
         wsproto then keeps a zlib compressor per socket from its first message
         on: about 100 KiB of a front end's memory per idle socket, for frames
         (JSON tokens) that compress little one at a time.
         """
+        # Before anything is sent (the handshake's answer): see WholeSends.
+        self.sock = WholeSends(self.sock)
         environ = self.environ
         self.environ = {k: v for k, v in environ.items() if k != "HTTP_SEC_WEBSOCKET_EXTENSIONS"}
         try:
@@ -189,6 +234,11 @@ class InlineServer(simple_websocket.Server):  # type: ignore[misc]
 
     def _ping(self, now: float) -> None:
         """Send the ping due; close the socket if the last one was not answered."""
+        assert self.ping_interval
+        if self.sock.lock.locked():
+            # The writer is sending (to a client slow to read): ping a little later.
+            self.next_ping = now + min(1.0, self.ping_interval)
+            return
         try:
             if not self.pong_received:
                 self.close(reason=CloseReason.POLICY_VIOLATION, message="Ping/Pong timeout")
@@ -198,7 +248,6 @@ class InlineServer(simple_websocket.Server):  # type: ignore[misc]
         except (OSError, LocalProtocolError):
             self.connected = False
             return
-        assert self.ping_interval
         self.next_ping = now + self.ping_interval
 
 

@@ -7,14 +7,22 @@ test_hardening_ws.py and test_protocol.py.
 
 from __future__ import annotations
 
+import base64
 import json
+import os
+import socket
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
 
+import gevent
 import pytest
 import websocket
+from gevent import socket as gsocket
+from wsproto.connection import Connection, ConnectionType
+from wsproto.events import TextMessage
 
+from app.wsserver import InlineServer
 from tests.conftest import Client, Proc, start_web, wait_for
 
 PING_S = 0.5
@@ -149,3 +157,88 @@ def test_compression_is_not_negotiated(pinging_web: str, api_key: str) -> None:
         assert json.loads(ws.recv())["code"] == "unknown_job"
     finally:
         ws.close()
+
+
+def test_frames_stay_whole_for_a_client_that_reads_slowly(web: str, api_key: str) -> None:
+    """The writer's sends find the socket full (partial writes): every frame still arrives whole.
+
+    On the session's front end: this one's pings would close a client that reads nothing.
+    """
+    ws = websocket.create_connection(web, timeout=30,
+                                     header=[f"Authorization: Bearer {api_key}"],
+                                     sockopt=[(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)])
+    try:
+        jobs = 90
+        for i in range(jobs):
+            ws.send(json.dumps({"type": "generate", "ref": i, "prompt": f"slow reader {i} " * 20,
+                                "max_tokens": 12}))
+        time.sleep(3)  # the jobs run while the client reads nothing
+        events: dict[str, list[int]] = {}
+        done = 0
+        while done < jobs:
+            frame = json.loads(ws.recv())
+            assert frame["type"] != "error", frame
+            if "seq" in frame:
+                events.setdefault(frame["job_id"], []).append(frame["seq"])
+            done += frame["type"] == "done"
+        assert all(seqs == list(range(len(seqs))) for seqs in events.values()), events
+    finally:
+        ws.close()
+
+
+def test_every_frame_is_sent_whole_to_a_client_that_reads_slowly() -> None:
+    """10 MB of frames to a reader with a 4 KiB window: sends that find the socket nearly full
+    (a partial write for plain ``socket.send``) still deliver every frame whole and in order.
+
+    The server is InlineServer on a real TCP connection, as gunicorn hands it over; the client
+    reads with wsproto.
+    """
+    listener = gsocket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    client = gsocket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    client.connect(listener.getsockname())
+    conn, _ = listener.accept()
+    environ = {"gunicorn.socket": conn, "HTTP_HOST": "test", "HTTP_UPGRADE": "websocket",
+               "HTTP_CONNECTION": "Upgrade", "HTTP_SEC_WEBSOCKET_VERSION": "13",
+               "HTTP_SEC_WEBSOCKET_KEY": base64.b64encode(os.urandom(16)).decode()}
+    frames = [f"{i:06d}" + "x" * 240 for i in range(40_000)]
+
+    def read_all() -> list[str]:
+        buf = b""
+        while b"\r\n\r\n" not in buf:
+            buf += client.recv(4096)
+        head, rest = buf.split(b"\r\n\r\n", 1)
+        assert head.startswith(b"HTTP/1.1 101"), head
+        ws = Connection(ConnectionType.CLIENT)
+        ws.receive_data(rest)
+        got: list[str] = []
+        part = ""
+        while len(got) < len(frames):
+            for event in ws.events():
+                assert isinstance(event, TextMessage), event  # garbage ends as a close
+                part += event.data
+                if event.message_finished:
+                    got.append(part)
+                    part = ""
+            if len(got) == len(frames):
+                break
+            gevent.sleep(0.001)
+            data = client.recv(65536)
+            if not data:
+                break
+            ws.receive_data(data)
+        return got
+
+    try:
+        server = InlineServer(environ)
+        reader = gevent.spawn(read_all)
+        for frame in frames:
+            server.send(frame)
+        got = reader.get(timeout=20)
+        assert len(got) == len(frames)
+        assert got == frames
+    finally:
+        for s in (client, conn, listener):
+            s.close()
