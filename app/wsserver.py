@@ -10,7 +10,7 @@ the socket itself and feeds what it reads to wsproto through
 simple_websocket's own ``_handle_events`` (which does the framing, answers
 pings and the peer's close, and enforces ``max_message_size``), and sends the
 pings of ``ping_interval`` between reads.  With the handshake state dropped,
-15.5 KiB less per idle socket (see "Memory" in README.rst).
+about 15 KiB less per idle socket (see "Memory" in README.rst).
 
 Sending does not involve the reader, so another greenlet may send (and close)
 while the handler waits in ``receive()``; ``event.set()`` — simple_websocket's
