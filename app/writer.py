@@ -1,6 +1,6 @@
 """A socket's writer: the one greenlet that sends on it, and the jobs the socket follows.
 
-flask-sock's ``send`` is not safe to call from two greenlets, so everything a
+simple_websocket's ``send`` is not safe to call from two greenlets, so everything a
 socket says goes through its writer's outbox: control frames (``queued``,
 errors) that are never dropped, and live events that are dropped when the
 outbox is full and read back from the job's log instead — a slow client
@@ -299,10 +299,10 @@ class SocketWriter:
         self._wake_receiver()
 
     def _wake_receiver(self) -> None:
-        # simple_websocket wakes a blocked receive() only when the peer answers
-        # our close; a dead or silent peer would leave the socket's greenlet
-        # (and its follows) behind.  Once the connection is closed, a woken
-        # receive() raises ConnectionClosed.
+        # The socket's greenlet waits in receive() for the peer to send
+        # something; a dead or silent peer would leave it (and its follows)
+        # behind.  Once the connection is closed, a woken receive() raises
+        # ConnectionClosed (see app.wsserver.Wakeup).
         event = getattr(self.ws, "event", None)
         if event is not None:
             event.set()

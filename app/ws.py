@@ -11,15 +11,12 @@ from __future__ import annotations
 
 import json
 import logging
-import selectors
 import time
 from typing import Any
 
 import redis
 from flask import Blueprint, current_app, g, jsonify, request
 from flask.typing import ResponseReturnValue
-from flask_sock import Sock
-from gevent.socket import wait_read
 from simple_websocket import ConnectionClosed
 
 from app import metrics
@@ -32,6 +29,7 @@ from app.relay import Relay
 from app.socket_bulks import SocketBulks
 from app.sockets import Sockets
 from app.writer import AUTH_TIMEOUT, UNAUTHORIZED, Closing, SocketWriter
+from app.wsserver import InlineServer, Upgraded
 from tasks.bulk import BulkEngine
 from tasks.config import Settings
 from tasks.events import EventLog
@@ -39,7 +37,6 @@ from tasks.frames import FrameBucket, FrameBudget
 from tasks.jobs import FINAL, JobStore
 
 log = logging.getLogger(__name__)
-sock = Sock()
 bp = Blueprint("ws", __name__)
 #: A resume costs one frame plus one per this many events it replays.
 REPLAY_EVENTS_PER_FRAME = 50
@@ -47,41 +44,6 @@ REPLAY_EVENTS_PER_FRAME = 50
 #: end a validation, a share of one pipelined write and a follow, much less than
 #: a ``generate`` (its admission is the pump's), but not nothing.
 BULK_ITEMS_PER_FRAME = 10
-
-
-class ReadableSelector:
-    """The one-socket selector simple_websocket's ping loop needs, cheaper than gevent's.
-
-    The loop of each socket's reader waits with ``selector.select(until_next_ping)``
-    (truthy: readable; falsy: time to ping).  gevent's ``DefaultSelector`` keeps
-    a watcher, a callback, an event and their dicts per socket between calls;
-    this waits with :func:`gevent.socket.wait_read`, which holds a watcher only
-    while waiting (see "Memory" in README.rst).
-    """
-
-    __slots__ = ("_fd",)
-
-    def __init__(self) -> None:
-        self._fd = -1
-
-    def register(self, fileobj: Any, events: int, data: Any = None) -> None:
-        """Watch ``fileobj`` for reading (the only use simple_websocket makes of it)."""
-        fd = fileobj.fileno()
-        if fd < 0:
-            raise ValueError("the socket is closed")
-        self._fd = fd
-
-    def select(self, timeout: float | None = None) -> list[tuple[None, int]]:
-        """Wait until the socket is readable (``[(None, EVENT_READ)]``) or ``timeout`` passes."""
-        try:
-            wait_read(self._fd, timeout)
-        except TimeoutError:
-            return []
-        return [(None, selectors.EVENT_READ)]
-
-    def close(self) -> None:
-        """Forget the socket."""
-        self._fd = -1
 
 
 @bp.before_request
@@ -345,20 +307,35 @@ class Connection:
                                 "log has expired, or it belongs to another key")
 
 
-@sock.route("/ws", bp=bp)  # type: ignore[untyped-decorator]
-def websocket(ws: Any) -> None:
-    """Serve one client socket (see the wire protocol in README.rst)."""
+@bp.route("/ws", websocket=True)
+def websocket() -> ResponseReturnValue:
+    """Serve one client socket (see the wire protocol in README.rst).
+
+    The socket is read by this (gunicorn's handler) greenlet, in
+    ``ws.receive()``; its writer greenlet sends (see :mod:`app.wsserver`).
+    """
     front: FrontEnd = current_app.extensions["sluice"]
     # The relay must listen (for revocations) before any socket can be served.
     front.relay.start()
+    settings = front.settings
+    ws = InlineServer.accept(request.environ, ping_interval=settings.ws_ping_interval_s or None,
+                             max_message_size=settings.max_frame_bytes)
     try:
-        Connection(ws, settings=front.settings, auth=front.auth, intake=front.intake,
+        Connection(ws, settings=settings, auth=front.auth, intake=front.intake,
                    jobs=front.jobs, events=front.events, relay=front.relay,
                    frames=front.frames, sockets=front.sockets,
                    bulk=current_app.extensions["sluice_bulk"], key=g.sluice_key).serve()
     except Exception:  # see the module docstring
         log.exception("a socket failed; closing it")
-        try:
-            ws.close(reason=1011, message="internal error")
-        except Exception:  # noqa: BLE001 - flask-sock closes it again; nothing to add
-            pass
+        if ws.connected:
+            _close(ws, 1011, "internal error")
+    if ws.connected:
+        _close(ws, 1000, None)
+    return Upgraded()
+
+
+def _close(ws: InlineServer, code: int, message: str | None) -> None:
+    try:
+        ws.close(reason=code, message=message)
+    except (ConnectionClosed, OSError):  # the peer is gone: nothing to say
+        pass

@@ -104,6 +104,9 @@ class Settings:
     redis_max_connections: int = 64
     #: Seconds a socket opened without a key has to send its ``auth`` frame.
     auth_timeout_s: float = 5.0
+    #: Seconds between the pings a front end sends on an open socket; a socket
+    #: whose ping is not answered by the next one is closed (1008). 0: no pings.
+    ws_ping_interval_s: float = 25.0
     #: Client frames per second one socket may send, and the burst it may save up.
     socket_frames_per_s: float = 20.0
     socket_frame_burst: int = 100

@@ -1,7 +1,7 @@
 """RSS per idle authenticated socket in a front end, and per running stream in a worker.
 
 usage: python docs/perf/memory.py [--sockets 1000] [--streams 1000] [--runs 3]
-                                  [--only web|worker] [--trace DIR]
+                                  [--only web|worker] [--trace DIR] [--deflate]
 
 Starts a private stack (``app.cli.bench.stack``: embedded Redis, the mock model,
 one Celery worker of ``-c streams+50``, one gunicorn front end), then:
@@ -18,6 +18,10 @@ one Celery worker of ``-c streams+50``, one gunicorn front end), then:
 The sockets are opened by a separate client process (asyncio ``websockets``), so
 its memory is not counted.  Each run is printed; the first run also pays for
 whatever the process allocates once (pools, lazily imported code).
+
+``--deflate``: the front end's clients offer ``permessage-deflate`` (browsers
+and the ``websockets`` library do by default); without it they offer no
+extension.
 
 ``--trace DIR`` starts the front end with ``tracemalloc`` (25 frames) and writes
 the top allocation sites of each run's "open" minus "before" snapshots to DIR
@@ -72,15 +76,15 @@ def settle(pid: int, quiet_s: float = 1.0, limit_s: float = 15.0) -> dict[str, i
 # -- the client process -------------------------------------------------------
 
 
-async def _client_web(url: str, key: str, n: int) -> None:
+async def _client_web(url: str, key: str, n: int, deflate: bool = False) -> None:
     from websockets.asyncio.client import connect
 
     gate = asyncio.Semaphore(50)
 
     async def one(i: int) -> object:
         async with gate:
-            ws = await connect(url, compression=None, proxy=None, ping_interval=None,
-                               open_timeout=60, close_timeout=5, max_size=2**20)
+            ws = await connect(url, compression="deflate" if deflate else None, proxy=None,
+                               ping_interval=None, open_timeout=60, close_timeout=5, max_size=2**20)
             await ws.send(json.dumps({"type": "auth", "ref": i, "key": key}))
             reply = json.loads(await ws.recv())
             assert reply["type"] == "authenticated", reply
@@ -171,12 +175,15 @@ def kib(x: float) -> str:
     return f"{x:,.1f}"
 
 
-def measure_web(url: str, key: str, pid: int, n: int, runs: int, trace: Path | None) -> None:
-    print(f"\nfront end: gunicorn worker pid {pid}, {n} idle authenticated sockets per run")
+def measure_web(url: str, key: str, pid: int, n: int, runs: int, trace: Path | None,
+                deflate: bool = False) -> None:
+    print(f"\nfront end: gunicorn worker pid {pid}, {n} idle authenticated sockets per run"
+          + (", clients offering permessage-deflate" if deflate else ""))
+    extra = ("deflate",) if deflate else ()
     print("run | RSS before KiB | open KiB | per socket KiB | closed KiB | kept per socket KiB"
           " | threads")
     # Warm-up: the relay, lazily imported code, the first socket's allocations.
-    c = Client("web", url, key, "20")
+    c = Client("web", url, key, "20", *extra)
     c.expect("ready")
     c.go()
     c.expect("closed")
@@ -185,7 +192,7 @@ def measure_web(url: str, key: str, pid: int, n: int, runs: int, trace: Path | N
         before = settle(pid)
         if trace:
             _snap(trace, f"before-{run}")
-        c = Client("web", url, key, str(n))
+        c = Client("web", url, key, str(n), *extra)
         c.expect("ready")
         opened = settle(pid)
         nthreads = threads(pid)
@@ -244,12 +251,13 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--only", choices=("web", "worker"))
     ap.add_argument("--trace", type=Path)
+    ap.add_argument("--deflate", action="store_true")
     ap.add_argument("--client", nargs="+")
     args = ap.parse_args()
     if args.client:
         role, url, key, n, *rest = args.client
         if role == "web":
-            asyncio.run(_client_web(url, key, int(n)))
+            asyncio.run(_client_web(url, key, int(n), deflate=rest == ["deflate"]))
         else:
             asyncio.run(_client_worker(url, key, int(n), int(rest[0])))
         return
@@ -275,7 +283,8 @@ def main() -> None:
         print(f"python {sys.version.split()[0]}, tree {ROOT}, "
               f"load average {os.getloadavg()[0]:.1f}")
         if args.only in (None, "web"):
-            measure_web(stack.urls[0], stack.api_key, web, args.sockets, args.runs, args.trace)
+            measure_web(stack.urls[0], stack.api_key, web, args.sockets, args.runs, args.trace,
+                        args.deflate)
         if args.only in (None, "worker"):
             measure_worker(stack.urls[0], stack.api_key, worker, args.streams, args.runs)
     finally:
