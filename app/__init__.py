@@ -25,10 +25,15 @@ def create_app(test_config: dict[str, Any] | None = None) -> Flask:
 
     settings = Settings.from_env(**(test_config or {}))
     app = Flask(__name__)
+    app.config.from_mapping(
+        SOCK_SERVER_OPTIONS={"ping_interval": settings.ws_ping_interval_s or None,
+                             "max_message_size": settings.max_frame_bytes},
+    )
     front = app.extensions["sluice"] = FrontEnd.build(settings)
     app.extensions["sluice_bulk"] = BulkEngine(front.redis, settings, front.admission,
                                                front.jobs, front.events)
     front.warm()
+    ws.sock.init_app(app)
     app.register_blueprint(ws.bp)
     app.register_blueprint(health.bp)
     app.register_blueprint(metrics.bp)

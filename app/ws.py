@@ -17,6 +17,7 @@ from typing import Any
 import redis
 from flask import Blueprint, current_app, g, jsonify, request
 from flask.typing import ResponseReturnValue
+from flask_sock import Sock
 from simple_websocket import ConnectionClosed
 
 from app import metrics
@@ -29,7 +30,7 @@ from app.relay import Relay
 from app.socket_bulks import SocketBulks
 from app.sockets import Sockets
 from app.writer import AUTH_TIMEOUT, UNAUTHORIZED, Closing, SocketWriter
-from app.wsserver import InlineServer, Upgraded
+from app.wsserver import InlineServer, use_with_flask_sock
 from tasks.bulk import BulkEngine
 from tasks.config import Settings
 from tasks.events import EventLog
@@ -37,6 +38,8 @@ from tasks.frames import FrameBucket, FrameBudget
 from tasks.jobs import FINAL, JobStore
 
 log = logging.getLogger(__name__)
+use_with_flask_sock()
+sock = Sock()
 bp = Blueprint("ws", __name__)
 #: A resume costs one frame plus one per this many events it replays.
 REPLAY_EVENTS_PER_FRAME = 50
@@ -307,35 +310,26 @@ class Connection:
                                 "log has expired, or it belongs to another key")
 
 
-@bp.route("/ws", websocket=True)
-def websocket() -> ResponseReturnValue:
+@sock.route("/ws", bp=bp)  # type: ignore[untyped-decorator]
+def websocket(ws: InlineServer) -> None:
     """Serve one client socket (see the wire protocol in README.rst).
 
-    The socket is read by this (gunicorn's handler) greenlet, in
-    ``ws.receive()``; its writer greenlet sends (see :mod:`app.wsserver`).
+    flask-sock accepts the upgrade with an :class:`~app.wsserver.InlineServer`
+    (see :func:`app.wsserver.use_with_flask_sock`), so the socket is read by
+    this (gunicorn's handler) greenlet, in ``ws.receive()``; its writer
+    greenlet sends.
     """
     front: FrontEnd = current_app.extensions["sluice"]
     # The relay must listen (for revocations) before any socket can be served.
     front.relay.start()
-    settings = front.settings
-    ws = InlineServer.accept(request.environ, ping_interval=settings.ws_ping_interval_s or None,
-                             max_message_size=settings.max_frame_bytes)
     try:
-        Connection(ws, settings=settings, auth=front.auth, intake=front.intake,
+        Connection(ws, settings=front.settings, auth=front.auth, intake=front.intake,
                    jobs=front.jobs, events=front.events, relay=front.relay,
                    frames=front.frames, sockets=front.sockets,
                    bulk=current_app.extensions["sluice_bulk"], key=g.sluice_key).serve()
     except Exception:  # see the module docstring
         log.exception("a socket failed; closing it")
-        if ws.connected:
-            _close(ws, 1011, "internal error")
-    if ws.connected:
-        _close(ws, 1000, None)
-    return Upgraded()
-
-
-def _close(ws: InlineServer, code: int, message: str | None) -> None:
-    try:
-        ws.close(reason=code, message=message)
-    except (ConnectionClosed, OSError):  # the peer is gone: nothing to say
-        pass
+        try:
+            ws.close(reason=1011, message="internal error")
+        except Exception:  # noqa: BLE001 - flask-sock closes it again; nothing to add
+            pass

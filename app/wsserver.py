@@ -27,8 +27,8 @@ from __future__ import annotations
 from time import monotonic
 from typing import Any
 
+import flask_sock
 import simple_websocket
-from flask import Response
 from gevent import get_hub
 from gevent.lock import Semaphore
 from gevent.monkey import get_original
@@ -251,12 +251,11 @@ class InlineServer(simple_websocket.Server):  # type: ignore[misc]
         self.next_ping = now + self.ping_interval
 
 
-class Upgraded(Response):
-    """The response of a route that served a WebSocket: there is nothing left to send.
+def use_with_flask_sock() -> None:
+    """Make flask-sock accept its sockets with :class:`InlineServer` (idempotent).
 
-    gunicorn closes the connection when its WSGI app raises ``StopIteration``
-    (what flask-sock does too); the socket's close frame was already sent.
+    flask-sock builds its server by the name ``Server`` it imported from
+    simple_websocket (flask-sock 0.7, pinned in setup.cfg), with the app's
+    ``SOCK_SERVER_OPTIONS``; ``InlineServer`` takes the same arguments.
     """
-
-    def __call__(self, environ: Any, start_response: Any) -> Any:
-        raise StopIteration()
+    flask_sock.Server = InlineServer
