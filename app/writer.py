@@ -38,6 +38,8 @@ OUTBOX_FRAMES = 10_000
 ENDS = TERMINAL | {"bulk_done"}
 #: How long a closing socket may take to say goodbye before it is cut off.
 CLOSE_WAIT_S = 5.0
+#: The same once Redis is lost.
+REDIS_LOST_WAIT_S = 0.5
 UNAUTHORIZED = 4401
 AUTH_TIMEOUT = 4408
 GOING_AWAY = 1001
@@ -62,6 +64,8 @@ class Closing:
     reconnect: str = ""
     #: Cancel the socket's unfinished jobs (its key was revoked).
     cancel_jobs: bool = False
+    #: How long the writer may take to say goodbye before it is cut off.
+    wait_s: float = CLOSE_WAIT_S
 
     @classmethod
     def error(cls, close_code: int, error_frame: str, *, cancel_jobs: bool = False) -> Closing:
@@ -75,7 +79,11 @@ class Closing:
 
         :param code: ``going_away`` (shutdown) or ``unavailable`` (Redis lost).
         """
-        return cls(close_code, code, reconnect=code)
+        # Once Redis is lost the writer is most likely waiting on it (a log
+        # read begun as Redis went silent) and would not be back before Redis
+        # answers again: say goodbye without it soon.
+        return cls(close_code, code, reconnect=code,
+                   wait_s=REDIS_LOST_WAIT_S if code == "unavailable" else CLOSE_WAIT_S)
 
 
 class SocketWriter:
@@ -154,15 +162,16 @@ class SocketWriter:
             return
         self.closing = closing
         self._put(("wake", "", 0, ""))
-        # A client that reads nothing could hold the goodbye up forever.
-        gevent.spawn_later(CLOSE_WAIT_S, self._give_up)
+        # A client that reads nothing, or a Redis that does not answer, could
+        # hold the goodbye up forever.
+        gevent.spawn_later(closing.wait_s, self._give_up)
 
     def finish(self) -> None:
         """Stop the writer; when closing, after its goodbye (said without it if it is stuck)."""
         if self.greenlet is None:
             return
         if self.closing is not None:
-            self.greenlet.join(timeout=CLOSE_WAIT_S)
+            self.greenlet.join(timeout=self.closing.wait_s)
             self._give_up()
         self.greenlet.kill()
 
@@ -291,7 +300,7 @@ class SocketWriter:
         # to a client that reads nothing.  Say goodbye without it if possible.
         if self.greenlet is not None and not self.greenlet.dead and self.closing is not None:
             log.warning("a socket's writer did not close it within %ss; closing it without",
-                        CLOSE_WAIT_S)
+                        self.closing.wait_s)
             self.greenlet.kill()
             with gevent.Timeout(CLOSE_WAIT_S, False):
                 self._goodbye(self.closing)
