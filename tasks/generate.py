@@ -27,7 +27,7 @@ from gevent.event import Event
 from gevent.lock import Semaphore
 
 from tasks.budget import Bill
-from tasks.events import Appended, LeaseLostError
+from tasks.events import Appended, Ending, LeaseLostError, new_slot
 from tasks.jobs import Job
 from tasks.queue import TASK_NAME
 from tasks.routing import Outcome, Pick, estimate_tokens
@@ -103,8 +103,10 @@ def _run_job(rt: Runtime, job_id: str) -> None:
         log.info("job %s has ended; this copy does nothing", job_id)
         _start_next(rt, job_id, start.owner, start.session)
     elif start.job is not None and Attempt(rt, start.job, token).run():
-        _start_next(rt, job_id, start.job.spec.owner, start.job.spec.session)
-        rt.jobs.release_lease(job_id, token)
+        # The call that ended a job without a session ended its lease too.
+        if start.job.spec.session:
+            _start_next(rt, job_id, start.job.spec.owner, start.job.spec.session)
+            rt.jobs.release_lease(job_id, token)
     # else another attempt owns the job now, and will end it
 
 
@@ -173,6 +175,9 @@ class Attempt:
         self.failovers: list[tuple[str, str]] = []  # (deployment, error code) that failed
         self.streamed = False  # some deployment streamed text (its prompt is billed)
         self.restart_body: dict[str, Any] | None = None  # a restart for the writer to log
+        # The request that streamed the answer, still counted on its deployment:
+        # the call that ends the job ends it too (see _emit).
+        self.unreleased: tuple[Pick, int, Outcome] | None = None
 
     def run(self) -> bool:
         """Generate, then log ``done`` or ``error`` and settle the job in the same call.
@@ -194,6 +199,25 @@ class Attempt:
             return False
         finally:
             self.rt.attempts.pop(jid, None)
+            if self.unreleased is not None:
+                self._release_late(*self.unreleased)
+
+    def _release_late(self, pick: Pick, need: int, outcome: Outcome) -> None:
+        """End the successful request that no call ending the job ended.
+
+        The job's end was not logged (lease lost, a log mismatch), or logged
+        without it (a cancel logged after the answer), or Redis stayed out of
+        reach (AttemptAbandonedError), when the end may have been made or not:
+        hence ``once``, which changes nothing if the request was ended.  If this
+        fails too, the in-flight entry drops out at its deadline or when the
+        job's re-run picks a deployment (see tasks/routing.py PICK).
+        """
+        self.unreleased = None
+        try:
+            self.rt.router.release(pick, self.job.job_id, need, outcome, once=True)
+        except redis.RedisError as e:
+            log.warning("job %s: could not release deployment %s: %s", self.job.job_id,
+                        pick.deployment, e)
 
     def _run(self) -> bool:
         jid, attempt = self.job.job_id, self.job.attempts
@@ -255,6 +279,7 @@ class Attempt:
         n = usage.completion_tokens if usage else len(times)
         first, last = (times[0], times[-1]) if times else (None, t_start)
         gaps = sorted(b - a for a, b in pairwise(times))
+        slot = new_slot()
         # Both instants are Redis time: the clamp only guards against Redis's clock stepping.
         queue_wait_ms = max(0, (self.job.started_ms or self.job.created_ms) - self.job.created_ms)
         m: dict[str, Any] = {
@@ -265,7 +290,7 @@ class Attempt:
             "itl_max_ms": _ms(gaps[-1]) if gaps else None,
             "generation_ms": _ms(last - t_start),
             "e2e_ms": max(0, int(time.time() * 1000) - self.job.created_ms),
-            "client_ttft_ms": self.rt.jobs.client_ttft_ms(self.job.job_id),
+            "client_ttft_ms": slot,  # FINISH fills in what the front end recorded
             "deployment": deployment,
             "attempts": attempt,
             "tried": list(self.tried),
@@ -275,7 +300,8 @@ class Attempt:
             "usage": {"prompt_tokens": usage.prompt_tokens if usage else None,
                       "completion_tokens": n},
             "metrics": m,
-        }, status="done", bill=self._bill(usage.prompt_tokens if usage else None, n))
+        }, status="done", bill=self._bill(usage.prompt_tokens if usage else None, n),
+            client_ttft_slot=slot)
         return Report(
             "done", deployment, queue_wait_s=queue_wait_ms / 1000, e2e_s=m["e2e_ms"] / 1000,
             provider_ttft_s=first - t_start if first is not None else None,
@@ -366,12 +392,16 @@ class Attempt:
         finally:
             if outcome is None:  # killed: neither a success nor the deployment's failure
                 outcome = Outcome(False, need if self.times else 0, self._ttft())
-            # Also on a kill (cancel, lost lease, job timeout): never leak the in-flight count.
-            try:
-                self.rt.router.release(pick, self.job.job_id, need, outcome)
-            except redis.RedisError as e:
-                log.warning("job %s: could not release deployment %s: %s", self.job.job_id,
-                            pick.deployment, e)
+            if outcome.ok:
+                # Ended by the call that ends the job, or else by run() (_release_late).
+                self.unreleased = (pick, need, outcome)
+            else:
+                # Also on a kill (cancel, lost lease, job timeout): never leak the in-flight count.
+                try:
+                    self.rt.router.release(pick, self.job.job_id, need, outcome)
+                except redis.RedisError as e:
+                    log.warning("job %s: could not release deployment %s: %s", self.job.job_id,
+                                pick.deployment, e)
 
     def _ttft(self) -> float | None:
         return self.times[0] - self.t_start if self.times else None
@@ -440,21 +470,32 @@ class Attempt:
                    status="cancelled", bill=bill)
 
     def _emit(self, kind: str, body: dict[str, Any], status: str = "",
-              bill: Bill | None = None) -> Appended:
+              bill: Bill | None = None, client_ttft_slot: str = "") -> Appended:
         """Append an event, retrying through Redis errors for up to one lease period.
 
         By then the lease has run out (it was last renewed before the first
-        failure), so the job is the reaper's to re-run.
+        failure), so the job is the reaper's to re-run.  The event that ends
+        the job (with ``bill``) ends in the same call the lease of a job
+        without a chat session, and the request that streamed the answer.
 
+        :param client_ttft_slot: where ``body`` has the client TTFT to fill in.
         :raises LeaseLostError: another attempt owns the job.
         :raises AttemptAbandonedError: Redis stayed unreachable.
         """
+        end = None
+        if bill is not None:
+            route = None
+            if self.unreleased is not None:
+                pick, need, outcome = self.unreleased
+                route = self.rt.router.release_call(pick, self.job.job_id, need, outcome)
+            end = Ending(lease=not self.job.spec.session, client_ttft_slot=client_ttft_slot,
+                         route=route)
         deadline = time.monotonic() + self.rt.settings.lease_ttl_s
         while True:
             try:
                 appended: Appended = self.rt.appender.append(
                     self.job.job_id, kind, body, lease_token=self.token, status=status,
-                    expect_seq=self.next_seq, bill=bill)
+                    expect_seq=self.next_seq, bill=bill, end=end)
             except redis.RedisError as e:
                 if time.monotonic() > deadline:
                     raise AttemptAbandonedError(str(e)) from e
@@ -462,6 +503,8 @@ class Attempt:
                 gevent.sleep(0.2)
                 continue
             self.next_seq = appended.seq + 1
+            if end is not None and end.route is not None:
+                self.unreleased = None  # ended with the job (by this call or the one it repeats)
             if appended.settled == -1:  # a job's owner is the key that reserved it
                 log.error("job %s: its reservation belongs to another key; not settled",
                           self.job.job_id)

@@ -137,19 +137,25 @@ redis.call('PEXPIRE', hk, tonumber(ARGV[7]))
 return {i, minute}
 """
 
-# End one request on a deployment.
+# End one request on a deployment (a Lua function, so that the FINISH script
+# of tasks/events.py can end a job's successful request in the same call; it
+# takes two tables, named as a script's so that RELEASE passes its own).
 # KEYS[1] state hash, KEYS[2] in-flight zset, KEYS[3] cooldown string, KEYS[4] failure count
 # ARGV[1] job id, ARGV[2] minute of the pick, ARGV[3] tokens counted at the pick,
 # ARGV[4] tokens really used, ARGV[5] TTFT ms (-1: none), ARGV[6] EWMA alpha,
 # ARGV[7] outcome: ok, fail or none (cancelled: neither), ARGV[8] Retry-After ms (0: none),
 # ARGV[9] cooldown ms, ARGV[10] failures that start a cooldown, ARGV[11] failure window ms,
 # ARGV[12] provider's remaining tokens (-1: not reported), ARGV[13] ms until they reset,
-# ARGV[14] state TTL ms
+# ARGV[14] state TTL ms, ARGV[15] '1' = only if the job is still counted in flight there
+# (a release that may have been made already: then it changes nothing).  An
+# in-flight entry that is never released drops out at its deadline (the job
+# timeout and a minute) or when the job is picked again (PICK).
 # Returns the cooldown set, in ms (0: none).
-RELEASE = """
+RELEASE_FUNCTION = """
+local function release_route(KEYS, ARGV)
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('ZREM', KEYS[2], ARGV[1])
+if redis.call('ZREM', KEYS[2], ARGV[1]) == 0 and ARGV[15] == '1' then return 0 end
 if tonumber(redis.call('HGET', KEYS[1], 'm')) == tonumber(ARGV[2]) then
   local tok = tonumber(redis.call('HGET', KEYS[1], 'tok')) or 0
   redis.call('HSET', KEYS[1], 'tok', math.max(0, tok + tonumber(ARGV[4]) - tonumber(ARGV[3])))
@@ -187,6 +193,12 @@ elseif ARGV[7] == 'ok' then
 end
 redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[14]))
 return cooled
+end
+"""
+
+# End one request on a deployment: KEYS and ARGV as RELEASE_FUNCTION's.
+RELEASE = RELEASE_FUNCTION + """
+return release_route(KEYS, ARGV)
 """
 
 
@@ -280,25 +292,37 @@ class Router:
         dep = deps[int(i) - 1]
         return Pick(dep.name, dep.models[route.name], int(second))
 
-    def release(self, pick: Pick, job_id: str, tokens: int, outcome: Outcome) -> float:
+    def release(self, pick: Pick, job_id: str, tokens: int, outcome: Outcome, *,
+                once: bool = False) -> float:
         """End a request counted by :meth:`pick`.
 
         :param tokens: the tokens counted at the pick.
+        :param once: only if the job is still counted in flight on the deployment:
+            for a release that may have been made already (it then changes nothing).
         :return: the cooldown this put the deployment in, in seconds (0: none).
+        """
+        keys_, args = self.release_call(pick, job_id, tokens, outcome, once=once)
+        return int(self._release(keys=keys_, args=args)) / 1000
+
+    def release_call(self, pick: Pick, job_id: str, tokens: int, outcome: Outcome, *,
+                     once: bool = False) -> tuple[list[str], list[Any]]:
+        """The KEYS and ARGV of :data:`RELEASE_FUNCTION` for :meth:`release`.
+
+        (The FINISH script of :mod:`tasks.events` takes them, to end a job's
+        successful request in the call that ends the job.)
         """
         assert pick.deployment is not None
         g = self.providers.gateway
         name = pick.deployment
         retry_after = min(outcome.retry_after_s or 0.0, MAX_RETRY_AFTER_S)
-        cooled = self._release(keys=[*self._keys[name], keys.deployment_fails(name)], args=[
+        return [*self._keys[name], keys.deployment_fails(name)], [
             job_id, pick.minute, tokens, outcome.tokens_used,
             round(outcome.ttft_s * 1000, 3) if outcome.ttft_s is not None else -1, g.ttft_alpha,
             "ok" if outcome.ok else "fail" if outcome.failed else "none",
             int(retry_after * 1000), int(g.cooldown_s * 1000), g.allowed_fails,
             int(g.fail_window_s * 1000),
             outcome.remaining_tokens if outcome.remaining_tokens is not None else -1,
-            int((outcome.reset_s or 0) * 1000), STATE_TTL_S * 1000])
-        return int(cooled) / 1000
+            int((outcome.reset_s or 0) * 1000), STATE_TTL_S * 1000, 1 if once else 0]
 
     def states(self) -> list[DeploymentState]:
         """Every configured deployment's state, in file order (one pipeline)."""

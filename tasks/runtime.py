@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from tasks.budget import Bill, Budget
 from tasks.config import Settings
-from tasks.events import Appended
+from tasks.events import Appended, Ending
 from tasks.jobs import JobStore
 from tasks.queue import Dispatcher
 from tasks.routing import Router
@@ -77,7 +77,7 @@ class Appender(Protocol):
 
     def append(self, job_id: str, kind: str, body: dict[str, Any], *,
                lease_token: str = "", status: str = "", expect_seq: int | None = None,
-               bill: Bill | None = None) -> Appended:
+               bill: Bill | None = None, end: Ending | None = None) -> Appended:
         """Append one event; raises what :meth:`tasks.events.EventLog.append` raises."""
 
 
