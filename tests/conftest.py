@@ -68,12 +68,17 @@ class Proc:
         if self.popen.poll() is None:
             os.killpg(self.popen.pid, sig)
 
-    def stop(self) -> None:
-        """Terminate politely, then kill."""
+    def stop(self, wait_s: float = 10.0) -> None:
+        """Terminate politely, then kill after ``wait_s``."""
         if self.popen.poll() is None:
             self.kill(signal.SIGTERM)
+        self.reap(wait_s)
+
+    def reap(self, wait_s: float) -> None:
+        """Wait ``wait_s`` for the process to end (after a SIGTERM), then kill it."""
+        if self.popen.poll() is None:
             try:
-                self.popen.wait(10)
+                self.popen.wait(wait_s)
             except subprocess.TimeoutExpired:
                 self.kill(signal.SIGKILL)
                 self.popen.wait()
@@ -109,8 +114,14 @@ def start_proc(log_dir: Path, redis_server: RedisServer) -> Iterator[Callable[..
         return proc
 
     yield start
+    # All at once, then one deadline for all: stopped one after another, the
+    # session's processes took over half a minute.
     for proc in procs:
-        proc.stop()
+        if proc.popen.poll() is None:
+            proc.kill(signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    for proc in procs:
+        proc.reap(max(0.1, deadline - time.monotonic()))
 
 
 def start_mock(start_proc: Callable[..., Proc], **config: Any) -> tuple[Proc, str]:
