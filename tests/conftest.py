@@ -21,6 +21,8 @@ from kombu import Connection
 
 from app.apikeys import KeyStore
 from app.cli.dev.redis_server import RedisServer, free_port
+from tasks.events import EventLog
+from tasks.jobs import JobStore
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -101,6 +103,18 @@ def r(redis_server: RedisServer) -> Iterator[redis.Redis]:
     client = redis.Redis.from_url(redis_server.url)
     yield client
     client.close()
+
+
+@pytest.fixture
+def store(r: redis.Redis) -> JobStore:
+    """The job store on the session's Redis."""
+    return JobStore(r, ttl_s=600)
+
+
+@pytest.fixture
+def log(r: redis.Redis) -> EventLog:
+    """The event log on the session's Redis."""
+    return EventLog(r, ttl_s=60)
 
 
 @pytest.fixture(scope="session")

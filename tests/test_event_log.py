@@ -11,16 +11,6 @@ from tasks.events import EventLog, LeaseLostError, LogMismatchError
 from tasks.jobs import JobSpec, JobStore
 
 
-@pytest.fixture
-def store(r: redis.Redis) -> JobStore:
-    return JobStore(r, ttl_s=600)
-
-
-@pytest.fixture
-def log(r: redis.Redis) -> EventLog:
-    return EventLog(r, ttl_s=60)
-
-
 def _job(store: JobStore, **kw: object) -> str:
     spec = JobSpec(model="mock-1", messages=[{"role": "user", "content": "hi"}],
                    max_tokens=4, **kw)  # type: ignore[arg-type]

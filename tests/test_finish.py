@@ -28,16 +28,6 @@ from tests.conftest import Client
 
 
 @pytest.fixture
-def store(r: redis.Redis) -> JobStore:
-    return JobStore(r, ttl_s=600)
-
-
-@pytest.fixture
-def log(r: redis.Redis) -> EventLog:
-    return EventLog(r, ttl_s=60)
-
-
-@pytest.fixture
 def router(redis_server: RedisServer) -> Router:
     tag = uuid.uuid4().hex[:8]
     doc = {"models": {"m": {"strategy": "least-busy"}},
