@@ -203,6 +203,19 @@ class Settings:
 _os_poll = monkey.get_original("select", "poll")
 
 
+def readable_now(sock: Any) -> bool:
+    """Whether ``sock`` has data (or its peer's close) waiting, without waiting.
+
+    Asks the operating system's ``poll()`` with a zero timeout: gevent's
+    patched ``select.poll`` would build and start a watcher and go through
+    the hub for an answer that never blocks.  Both Redis and HTTP connection
+    pools ask this of every idle connection they hand out.
+    """
+    poller = _os_poll()
+    poller.register(sock, 1)  # POLLIN; POLLHUP and POLLERR are always reported
+    return bool(poller.poll(0))
+
+
 class Parser(DefaultParser):  # type: ignore[misc,valid-type]
     """redis-py's reply parser, with a cheap check that a connection is idle.
 
@@ -218,11 +231,8 @@ class Parser(DefaultParser):  # type: ignore[misc,valid-type]
     def can_read(self, timeout: float = 0) -> bool:
         """Whether a reply (or the peer's close) is waiting; see ``redis.connection``."""
         sock = getattr(self, "_sock", None)
-        if timeout == 0 and sock is not None and not self._buffered():
-            poller = _os_poll()
-            poller.register(sock, 1)  # POLLIN; POLLHUP and POLLERR are always reported
-            if not poller.poll(0):
-                return False
+        if timeout == 0 and sock is not None and not self._buffered() and not readable_now(sock):
+            return False
         return bool(super().can_read(timeout))
 
     def _buffered(self) -> bool:

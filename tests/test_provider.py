@@ -103,3 +103,69 @@ def test_concurrent_requests_keep_their_connections_on_a_busy_process(
     assert news[0] == 200
     # Drains still running when the next round starts leave a few pools short.
     assert max(news[1:]) <= 20, news
+
+
+_AFTER_IDLE_CLOSE = """
+from gevent import monkey; monkey.patch_all()
+import sys, gevent
+from tasks.config import Settings
+from workers.provider import Provider
+provider = Provider(Settings(openai_base_url=sys.argv[1], provider_max_retries=0))
+for _ in range(3):
+    with provider.stream("mock-1", [{"role": "user", "content": "hi"}], 1) as pieces:
+        print([type(p).__name__ for p in pieces], flush=True)
+    gevent.sleep(0.5)  # the server closes the idle connection meanwhile
+"""
+
+_SSE = (b'data: {"choices": [{"index": 0, "delta": {"content": "hi"}}]}\n\n'
+        b'data: {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}\n\n'
+        b"data: [DONE]\n\n")
+
+
+def test_a_connection_the_provider_closed_while_idle_is_not_reused() -> None:
+    """A kept-alive connection the server closed is noticed before a request is sent on it.
+
+    The server closes each connection 0.1 s after its response (as a proxy's
+    keep-alive timeout would); with no retries, a request sent on the dead
+    connection would fail.
+    """
+    import socket
+    import threading
+    import time
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    accepted: list[socket.socket] = []
+
+    def serve(conn: socket.socket) -> None:
+        with conn:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += conn.recv(65536)
+            head, _, body = data.partition(b"\r\n\r\n")
+            length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                              if line.lower().startswith(b"content-length")))
+            while len(body) < length:
+                body += conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (len(_SSE), _SSE))
+            time.sleep(0.1)
+
+    def accept() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            accepted.append(conn)
+            threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}/v1"
+        out = subprocess.run([sys.executable, "-c", _AFTER_IDLE_CLOSE, url], capture_output=True,
+                             text=True, timeout=60)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert out.stdout.splitlines() == ["['str', 'Finish']"] * 3
+        assert len(accepted) == 3
+    finally:
+        listener.close()
