@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from app.admission import Admission
 from app.apikeys import KeyInfo
+from tasks.frames import FrameCharge
 from tasks.jobs import JobSpec, JobStore
 from tasks.limits import Limits
 from tasks.queue import Dispatcher, StartBatcher, TaskMessages
@@ -48,18 +49,21 @@ class Intake:
         self.messages = messages
         self.batcher = StartBatcher(jobs, messages) if messages and _gevent() else None
 
-    def submit(self, key: KeyInfo, spec: JobSpec, *, max_tokens_given: bool = True
-               ) -> Submitted:
+    def submit(self, key: KeyInfo, spec: JobSpec, *, max_tokens_given: bool = True,
+               frame: FrameCharge | None = None) -> Submitted:
         """Admit, store and, if it may start, enqueue a job; the caller then :meth:`start`\\ s it.
 
         Admission comes before anything is stored or enqueued: a refused
         request costs no worker time and leaves nothing behind.
 
+        :param frame: the WebSocket frame that asked, metered in admission's own call.
         :raises app.admission.AdmissionRejectedError: the request is refused.
+        :raises tasks.frames.FrameBudgetExceededError: ``frame`` is over the key's frame budget.
         :raises Exception: storing the job failed after admission (Redis, or anything
             else); the reservation and slot are refunded first.
         """
-        admitted = self.admission.admit(key, spec, max_tokens_given=max_tokens_given)
+        admitted = self.admission.admit(key, spec, max_tokens_given=max_tokens_given,
+                                        frame=frame)
         spec = admitted.spec
         try:
             if self.batcher is not None and not spec.session:

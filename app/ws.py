@@ -34,7 +34,7 @@ from app.wsserver import InlineServer, use_with_flask_sock
 from tasks.bulk import BulkEngine
 from tasks.config import Settings
 from tasks.events import EventLog
-from tasks.frames import FrameBucket, FrameBudget
+from tasks.frames import FrameBucket, FrameBudget, FrameBudgetExceededError
 from tasks.jobs import FINAL, JobStore
 
 log = logging.getLogger(__name__)
@@ -214,9 +214,12 @@ class Connection:
                 return
             raise
         if wait_s:
-            raise ProtocolError("rate_limited", f"this API key's sockets used up their "
-                                f"frame budget; retry in {wait_s:.3f}s",
-                                retry_after=wait_s, scope="key")
+            raise self._over_frame_budget(wait_s)
+
+    @staticmethod
+    def _over_frame_budget(wait_s: float) -> ProtocolError:
+        return ProtocolError("rate_limited", f"this API key's sockets used up their frame "
+                             f"budget; retry in {wait_s:.3f}s", retry_after=wait_s, scope="key")
 
     def _charge(self, cost: float, what: str) -> None:
         """Charge a frame that costs more than one to both budgets (its first frame is
@@ -236,13 +239,19 @@ class Connection:
 
     def _generate(self, req: Generate) -> None:
         self._check_follow_limit()
-        self._spend()
         accepted = time.monotonic()
         assert self.key is not None
         try:
+            # The frame is metered in admission's call, one round trip for both.
             submitted = self.intake.submit(self.key, req.spec,
-                                           max_tokens_given=req.max_tokens_given)
+                                           max_tokens_given=req.max_tokens_given,
+                                           frame=self.frames.charge(self.key.key_id,
+                                                                    self.key.tier))
+        except FrameBudgetExceededError as e:
+            raise self._over_frame_budget(e.wait_s) from None
         except AdmissionRejectedError as e:
+            if not e.frame_taken:
+                self._spend()  # refused before its frame was metered: a refusal costs one too
             if e.code != "rate_limited" or not e.queueable or req.spec.session:
                 raise
             self.bulks.hold(self.key, req, e, accepted)

@@ -27,6 +27,7 @@ import redis
 from tasks.budget import USAGE_TTL_S, Budget, DayUsage, DuplicateReservationError, Settlement
 from tasks.config import Settings
 from tasks.deployments import load_providers
+from tasks.frames import FrameCharge
 from tasks.jobs import JobSpec
 from tasks.limits import Limits
 from tasks.tiers import Tier, load_tiers
@@ -63,6 +64,9 @@ class AdmissionRejectedError(Exception):
         self.limits = limits
         #: The key's tier asks to hold such requests until they fit instead of refusing.
         self.queueable = queueable
+        #: The request's frame was taken from the key's frame budget by this refusal's
+        #: call (see ``frame`` in :meth:`Admission.admit`).
+        self.frame_taken = False
 
     @property
     def http_status(self) -> int:
@@ -189,7 +193,8 @@ class Admission:
         return tier, max_tokens
 
     def admit(self, key: KeyLike, spec: JobSpec, *, max_tokens_given: bool = True,
-              job_id: str | None = None, batch: bool = False) -> Admitted:
+              job_id: str | None = None, batch: bool = False,
+              frame: FrameCharge | None = None) -> Admitted:
         """Admit a request and reserve its tokens, or say why not and for how long.
 
         :param key: the authenticated key.
@@ -203,10 +208,15 @@ class Admission:
             reservation; an item too large for that may take a full bucket), so
             interactive requests keep the rest.  Refused like an interactive request
             (``rate_limited`` with ``retry_after``) when it does not fit.
+        :param frame: the request's WebSocket frame, taken from the key's frame budget
+            in the reservation's own call (one round trip for both).  A refusal made
+            before that call has not taken it (its ``frame_taken`` is False).
         :return: the reservation; the job must be stored as its ``job_id`` and ``spec``.
         :raises AdmissionRejectedError: ``model_not_allowed``, ``too_large``,
             ``rate_limited`` (with ``retry_after``), ``concurrency_limit``, or
             ``unavailable`` when Redis cannot be reached and the gateway fails closed.
+        :raises tasks.frames.FrameBudgetExceededError: ``frame`` did not fit the key's
+            frame budget; nothing was reserved or taken.
         """
         tier, max_tokens = self.precheck(key, spec, max_tokens_given=max_tokens_given)
         prompt = _count(spec.messages, spec.model)
@@ -227,7 +237,7 @@ class Admission:
                 self._keep_interactive_share(key, tier, need)
             res = self.budget.reserve(key.key_id, job_id, need, tier.rates,
                                       prompt_tokens=prompt, slot_ttl_ms=self._slot_ttl_ms,
-                                      reservation_ttl_s=self.job_ttl_s)
+                                      reservation_ttl_s=self.job_ttl_s, frame=frame)
         except DuplicateReservationError:
             # Our own reserve, retried by the Redis client after its reply was
             # lost: the first call went through.
@@ -239,7 +249,9 @@ class Admission:
                                          "check rate limits; retry shortly") from e
         if res.admitted:
             return Admitted(job_id, spec, tier.name, prompt, need, res.limits)
-        raise _refusal(res.verdict, need, res.retry_after_s, res.limits, tier)
+        refusal = _refusal(res.verdict, need, res.retry_after_s, res.limits, tier)
+        refusal.frame_taken = frame is not None
+        raise refusal
 
     def _keep_interactive_share(self, key: KeyLike, tier: Tier, need: int) -> None:
         """Refuse a batch item that would take the buckets into the interactive share.

@@ -18,6 +18,7 @@ from dataclasses import dataclass, replace
 import redis
 
 from tasks import keys
+from tasks.frames import TAKE_FUNCTION, FrameBudgetExceededError, FrameCharge
 from tasks.limits import Limits, Rates
 
 USAGE_TTL_S = 90 * 86400
@@ -58,7 +59,8 @@ end
 # Returns {verdict, retry_after_ms, tokens_left, requests_left, tokens_reset_ms,
 # requests_reset_ms, active_jobs}; verdict is ok, tokens, requests, concurrency, too_large
 # (the reservation exceeds the bucket) or duplicate (the job id already holds one).
-RESERVE = _LEVELS + """
+RESERVE_FUNCTION = """
+local function reserve(KEYS, ARGV)
 local now = now_us()
 local now_ms = math.floor(now / 1000)
 local need = tonumber(ARGV[3])
@@ -101,6 +103,23 @@ redis.call('EXPIRE', KEYS[4], ARGV[12])
 return {verdict, math.ceil(wait_s * 1000), math.floor(tokens), math.floor(requests),
         math.ceil((tcap - tokens) / trate * 1000), math.ceil((rcap - requests) / rrate * 1000),
         active}
+end
+"""
+
+RESERVE = _LEVELS + RESERVE_FUNCTION + "return reserve(KEYS, ARGV)\n"
+
+# A ``generate`` frame's metering and its admission in one call: RESERVE, after
+# taking the frame from the key's frame budget (tasks/frames.py TAKE_FUNCTION).
+# KEYS[1..5] and ARGV[1..12] as RESERVE's; KEYS[6] the frame bucket, ARGV[13..15]
+# TAKE_FUNCTION's.  A frame the budget refuses reserves nothing and returns
+# {'frames', ms until it fits, 0, 0, 0, 0, 0}; a retried call (duplicate) takes
+# no second frame.
+FRAMED_RESERVE = _LEVELS + TAKE_FUNCTION + RESERVE_FUNCTION + """
+if redis.call('EXISTS', KEYS[3]) == 0 then
+  local wait = take_frames({KEYS[6]}, {ARGV[13], ARGV[14], ARGV[15]})
+  if wait > 0 then return {'frames', wait, 0, 0, 0, 0, 0} end
+end
+return reserve(KEYS, ARGV)
 """
 
 # Take the jobs admitted over a grace period ago off the admitted index, and
@@ -287,13 +306,15 @@ class Budget:
         self.redis = client
         self.usage_ttl_s = usage_ttl_s
         self._reserve = client.register_script(RESERVE)
+        self._framed_reserve = client.register_script(FRAMED_RESERVE)
         self._settle = client.register_script(SETTLE)
         self._touch = client.register_script(TOUCH)
         self._peek = client.register_script(PEEK)
         self._orphans = client.register_script(ORPHANS)
 
     def reserve(self, key_id: str, job_id: str, tokens: int, rates: Rates, *,
-                prompt_tokens: int, slot_ttl_ms: int, reservation_ttl_s: int) -> Reservation:
+                prompt_tokens: int, slot_ttl_ms: int, reservation_ttl_s: int,
+                frame: FrameCharge | None = None) -> Reservation:
         """Reserve ``tokens``, one request and one concurrency slot for a job, or refuse.
 
         :param key_id: the API key whose buckets pay.
@@ -303,15 +324,25 @@ class Budget:
         :param prompt_tokens: the prompt's counted tokens (used when settle is not told).
         :param slot_ttl_ms: how long the slot is held unless settled or renewed by :meth:`touch`.
         :param reservation_ttl_s: how long the job may stay unsettled; should match its record.
+        :param frame: the request's frame, to take from the key's frame budget first, in
+            the same call (:meth:`tasks.frames.FrameBudget.charge`).
         :return: whether it was admitted, else which limit refused and for how long.
         :raises DuplicateReservationError: ``job_id`` already holds a reservation.
+        :raises tasks.frames.FrameBudgetExceededError: ``frame`` did not fit (nothing was taken).
         """
-        verdict, wait_ms, t_left, r_left, t_reset, r_reset, active = self._reserve(
-            keys=[keys.bucket(key_id), keys.slots(key_id), keys.reservation(job_id),
-                  keys.usage(key_id, today()), keys.ADMITTED],
-            args=[job_id, key_id, tokens, prompt_tokens, *rates.args(),
-                  rates.max_concurrent_jobs, slot_ttl_ms, reservation_ttl_s, self.usage_ttl_s])
+        keys_ = [keys.bucket(key_id), keys.slots(key_id), keys.reservation(job_id),
+                 keys.usage(key_id, today()), keys.ADMITTED]
+        args: list[str | int] = [job_id, key_id, tokens, prompt_tokens, *rates.args(),
+                                 rates.max_concurrent_jobs, slot_ttl_ms, reservation_ttl_s,
+                                 self.usage_ttl_s]
+        if frame is None:
+            reply = self._reserve(keys=keys_, args=args)
+        else:
+            reply = self._framed_reserve(keys=[*keys_, frame[0]], args=[*args, *frame[1]])
+        verdict, wait_ms, t_left, r_left, t_reset, r_reset, active = reply
         verdict = verdict.decode()
+        if verdict == "frames":
+            raise FrameBudgetExceededError(wait_ms / 1000)
         if verdict == "duplicate":
             raise DuplicateReservationError(f"job {job_id!r} already holds a reservation")
         limits = Limits(rates.tokens_per_minute, int(t_left), t_reset / 1000,

@@ -24,8 +24,10 @@ from tasks.limits import Rates
 # missing hash is a full bucket, which is why it may expire once it would be full.
 # KEYS[1] the bucket hash. ARGV[1] capacity, ARGV[2] refill per second, ARGV[3] cost.
 # Returns 0 when the frames were taken, else the ms until they would be there
-# (nothing is taken then).
-TAKE = """
+# (nothing is taken then).  A function, so that admission can meter a
+# ``generate`` frame in its own call (tasks.budget.FRAMED_RESERVE).
+TAKE_FUNCTION = """
+local function take_frames(KEYS, ARGV)
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local cap, rate, cost = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
@@ -40,7 +42,22 @@ redis.call('HSET', KEYS[1], 'level', string.format('%.17g', level),
            'ts_us', string.format('%.0f', now))
 redis.call('PEXPIRE', KEYS[1], math.ceil((cap - level) / rate * 1000) + 1000)
 return 0
+end
 """
+
+TAKE = TAKE_FUNCTION + "return take_frames(KEYS, ARGV)\n"
+
+
+#: A frame charge: the key's frame bucket and :data:`TAKE_FUNCTION`'s ARGV.
+FrameCharge = tuple[str, list[str]]
+
+
+class FrameBudgetExceededError(Exception):
+    """A frame the key's frame budget refused (nothing was taken); retry after ``wait_s``."""
+
+    def __init__(self, wait_s: float) -> None:
+        super().__init__(f"frame budget used up; retry in {wait_s:.3f}s")
+        self.wait_s = wait_s
 
 
 class FrameBucket:
@@ -95,7 +112,7 @@ class FrameBudget:
         self.tiers = dict(tiers or {})
         self.redis = client
         self._take = client.register_script(TAKE)
-        self._takes: Coalescer[tuple[str, list[str]]] = Coalescer(self._run, max_batch=256)
+        self._takes: Coalescer[FrameCharge] = Coalescer(self._run, max_batch=256)
 
     def take(self, key_id: str, tier: str, cost: float = 1.0) -> float:
         """Take ``cost`` frames from the key's bucket; return 0.0, or seconds until they fit.
@@ -103,15 +120,23 @@ class FrameBudget:
         :param tier: the key's tier, whose request rate is the budget's floor.
         :raises redis.RedisError: Redis cannot be reached.
         """
+        wait_ms = self._takes.call(self.charge(key_id, tier, cost),
+                                   what=f"metering a frame of key {key_id}")
+        return int(wait_ms) / 1000
+
+    def charge(self, key_id: str, tier: str, cost: float = 1.0) -> FrameCharge:
+        """The key and arguments of :data:`TAKE_FUNCTION` that take ``cost`` frames.
+
+        :meth:`take` runs it; admission runs it in its own call for a ``generate``
+        frame (:meth:`tasks.budget.Budget.reserve`), one round trip fewer.
+        """
         rates = self.tiers.get(tier)
         per_minute = rates.requests_per_minute if rates else 0
         burst = max(self.burst, per_minute)
         per_s = max(self.per_s, per_minute / 60)
-        wait_ms = self._takes.call(
-            (keys.frames(key_id), [str(burst), repr(float(per_s)), repr(float(min(cost, burst)))]),
-            what=f"metering a frame of key {key_id}")
-        return int(wait_ms) / 1000
+        return (keys.frames(key_id),
+                [str(burst), repr(float(per_s)), repr(float(min(cost, burst)))])
 
-    def _run(self, batch: list[tuple[str, list[str]]]) -> list[object]:
+    def _run(self, batch: list[FrameCharge]) -> list[object]:
         # One script for all: a batch refused with NOSCRIPT ran none of them.
         return run_scripts(self.redis, [(self._take, [key], args) for key, args in batch])

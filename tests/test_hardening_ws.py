@@ -289,6 +289,43 @@ def test_a_key_frame_budget_spans_its_sockets(hard_web: str, r: redis.Redis,
     assert codes.count(("unknown_job", None)) >= 60
 
 
+def test_a_generate_frame_the_key_budget_refuses_reserves_nothing(
+        hard_web: str, r: redis.Redis, tiers_file: Path, connect: Callable[..., Client]) -> None:
+    """A generate frame over the key's frame budget takes no request, token or slot; a refusal costs one frame.
+
+    The frame is metered in admission's own Redis call: a frame the budget
+    refuses must cost nothing else, and a request admission refuses still
+    costs its frame, whether before its reservation (too_large) or in it.
+    """
+    raw, key_id = new_key(r, "thin")
+    c = connect(hard_web, key=raw)
+    frames = keys.frames(key_id)
+    # Half a frame left, and no refill before the test ends (its clock starts in the future).
+    never_us = f"{(time.time() + 600) * 1e6:.0f}"
+    r.hset(frames, mapping={"level": "0.5", "ts_us": never_us})
+    before = limits_of(r, tiers_file, key_id, "thin")
+    c.send(type="generate", prompt="over the frame budget", max_tokens=5)
+    f = c.recv()
+    assert (f["type"], f["code"], f.get("scope")) == ("error", "rate_limited", "key"), f
+    after = limits_of(r, tiers_file, key_id, "thin")
+    assert (after.remaining_requests, after.remaining_tokens, after.active_jobs) == \
+        (before.remaining_requests, before.remaining_tokens, 0)
+    assert r.hget(frames, "level") == b"0.5"
+    assert r.zcard(keys.slots(key_id)) == 0
+    # Refused before the reservation (max_tokens over the tier's 64): one frame.
+    r.hset(frames, mapping={"level": "10", "ts_us": never_us})
+    c.send(type="generate", prompt="too long an answer", max_tokens=65)
+    assert c.recv()["code"] == "too_large"
+    assert float(r.hget(frames, "level") or 0) == 9
+    # Refused by the reservation (more tokens than the bucket holds): one frame.
+    r.hset(frames, mapping={"level": "10", "ts_us": never_us})
+    r.hset(keys.bucket(key_id), mapping={"tokens": "3", "requests": "60", "ts_us": never_us})
+    c.send(type="generate", prompt="no tokens left", max_tokens=5)
+    assert c.recv()["code"] == "rate_limited"
+    assert float(r.hget(frames, "level") or 0) == 9
+    assert r.zcard(keys.slots(key_id)) == 0
+
+
 def test_a_socket_follows_each_job_once_and_a_bounded_number(hard_web: str, r: redis.Redis,
                                                               connect: Callable[..., Client]) -> None:
     """Resuming a job the socket follows is refused without a replay; a 5th job on a 4-job socket is refused."""
