@@ -322,9 +322,11 @@ def test_a_client_gone_while_held_leaks_nothing(
     assert queued["held"] is True
     c.close()
     bulk = keys.bulk(queued["bulk_id"])
-    # The socket's close and the pump's count-out both come a moment later
-    # (longer on a loaded box): wait for them, then check everything.
+    # The socket's close, the pump's count-out and the item's final event all
+    # come a moment later (longer on a loaded box; the event is written after
+    # the bulk is marked): wait for them, then check everything.
     wait_for(lambda: r.hget(bulk, "cancelled") == b"1" and r.hget(bulk, "status") == b"completed"
+             and r.hget(keys.job(queued["job_id"]), "status") is not None
              and leaks(r, key.key_id) == NOTHING, 20, "the held item to be dropped")
     assert r.hmget(bulk, ["status", "started"]) == [b"completed", b"0"]
     assert r.hget(keys.job(queued["job_id"]), "status") == b"cancelled"
