@@ -104,8 +104,17 @@ def create_celery(settings: Settings | None = None) -> Celery:
         # Hundreds of greenlets ack at once: kombu's default pool of 10 Redis
         # connections runs dry, and the consumer then drops its connection
         # (and the messages it had prefetched) as if the broker were down.
+        #
+        # No ack emulation: kombu's Redis transport would copy each message into
+        # its unacked hash before the task starts (a round trip on every job's
+        # way to its worker) and delete it after, to hand back after the
+        # visibility timeout what a dead worker took.  Sluice re-runs such jobs
+        # itself, sooner: a job taken and never leased waits in the unstarted
+        # index (re-sent after unstarted_grace_s), a leased one has a lease
+        # that runs out (re-run by the reaper); see workers/reaper.py.
         broker_transport_options={"visibility_timeout": settings.visibility_timeout_s,
-                                  "max_connections": settings.worker_concurrency + 50},
+                                  "max_connections": settings.worker_concurrency + 50,
+                                  "ack_emulation": False},
         worker_concurrency=settings.worker_concurrency,
         worker_hijack_root_logger=False,
         # Streams may run for minutes: give warm shutdown time to let them end.

@@ -14,13 +14,15 @@ the unstarted index (:data:`tasks.keys.UNSTARTED`) holds every job sent and
 not yet started, and the reaper sends again those older than
 ``unstarted_grace_s`` (:func:`resend_unstarted`), with any broker.
 
-Celery's Redis transport also keeps a message that a worker took but never
-acked (it died) in its unacked hash, to be delivered again after the
-visibility timeout; by then the job has been re-run or has ended, and the
-late copy does nothing.  kombu looks for such messages only when a
-consumer's poll comes back empty, which a gevent worker's never does (its
-BRPOP always answers first), so the reaper asks for the sweep itself
-(:func:`restore_unacked`), which keeps the unacked hash from growing.
+Sluice's workers take messages without kombu's ack emulation (see
+:func:`workers.celery_app.create_celery`).  Another consumer of the queue
+with kombu's defaults (an older worker during an upgrade, a script) keeps a
+message it took in the Redis transport's unacked hash until it acks, to be
+delivered again after the visibility timeout if it dies; by then the job
+has been re-sent from the unstarted index, and the late copy does nothing.
+kombu looks for such messages only when such a consumer's poll comes back
+empty, so the reaper sweeps them itself (:func:`restore_unacked`), which
+also keeps the hash from growing.
 """
 
 from __future__ import annotations
@@ -144,7 +146,10 @@ def restore_unacked(rt: WorkerRuntime) -> None:
     each message goes back once, and the copy of a job that is running or
     has ended does nothing.
     """
-    with rt.dispatcher.celery.pool.acquire(block=True) as conn:
+    # A connection with kombu's ack emulation (the workers' own has none):
+    # its channel's QoS is the one that knows the unacked hash.
+    with rt.dispatcher.celery.connection_for_write(
+            transport_options={"ack_emulation": True}) as conn:
         conn.default_channel.qos.restore_visible(num=RESTORE_BATCH, interval=1)
 
 
