@@ -43,10 +43,10 @@ class Settings:
     #: A job's lease runs out this long after its worker's last heartbeat (see
     #: the properties below): a killed worker's jobs restart within ~1.2x this.
     lease_ttl_s: int = 3
-    #: A message its worker has not acked within this is delivered again.  The
-    #: lease makes a copy of a running or ended job do nothing, so it need not
-    #: exceed job_timeout_s; it bounds how long a job taken by a worker killed
-    #: before it leased the job waits.
+    #: Redis broker: a message another consumer with kombu's ack emulation took
+    #: and has not acked within this is put back on its queue by the reapers.
+    #: Sluice's own workers keep no unacked copies (a job whose message their
+    #: worker lost waits ``unstarted_grace_s``, see workers/reaper.py).
     visibility_timeout_s: int = 300
     cancel_on_disconnect: bool = False
     worker_concurrency: int = 500
