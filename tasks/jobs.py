@@ -12,6 +12,7 @@ import redis
 
 from tasks import keys
 from tasks.coalesce import Coalescer
+from tasks.routing import PICK_FUNCTION, estimate_tokens
 
 JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 FINAL = frozenset({"done", "error", "cancelled"})
@@ -165,7 +166,8 @@ return 1
 # Returns {1, field, value, ...} (the record, attempts and started_ms updated)
 # when the lease is ours; {0} when another attempt holds it; {-1, owner,
 # session} when the job has ended; {-2} when it does not exist.
-START = """
+START_FUNCTION = """
+local function start(KEYS, ARGV)
 redis.call('ZREM', KEYS[4], ARGV[3])
 if redis.call('EXISTS', KEYS[1]) == 0 then return {-2} end
 local status = redis.call('HGET', KEYS[1], 'status')
@@ -187,6 +189,31 @@ end
 local out = redis.call('HGETALL', KEYS[1])
 table.insert(out, 1, 1)
 return out
+end
+"""
+
+START = START_FUNCTION + "return start(KEYS, ARGV)\n"
+
+# START, then, once the lease is ours, the attempt's first pick of a deployment
+# (tasks/routing.py PICK_FUNCTION), in the same call: one round trip fewer on
+# every job's way to its provider.  KEYS and ARGV[1..3] as START's; ARGV[4]
+# every model's candidates as JSON (Router.first_pick_args), ARGV[5] a random
+# number, ARGV[6..8] PICK's in-flight deadline ms, latency buffer, state TTL ms.
+# The pick uses the record's model and route_tokens (stored at creation); a
+# record without them, or a model the JSON does not route, is not picked for.
+# Returns {START's reply, PICK's reply or {}}.
+START_PICK = START_FUNCTION + PICK_FUNCTION + """
+local out = start(KEYS, ARGV)
+if out[1] ~= 1 then return {out, {}} end
+local f = redis.call('HMGET', KEYS[1], 'model', 'route_tokens')
+local route = f[1] and f[2] and cjson.decode(ARGV[4])[f[1]]
+if not route then return {out, {}} end
+local k, a = {}, {route.s, ARGV[3], f[2], ARGV[5], ARGV[6], ARGV[7], ARGV[8], '0'}
+for _, d in ipairs(route.d) do
+  k[#k + 1], k[#k + 2], k[#k + 3] = d[1], d[2], d[3]
+  a[#a + 1], a[#a + 2], a[#a + 3], a[#a + 4] = d[4], d[5], d[6], '0'
+end
+return {out, pick(k, a)}
 """
 
 # Renew the leases of a worker process's running jobs, each only if it is
@@ -280,6 +307,8 @@ class Start:
     job: Job | None = None
     owner: str = ""
     session: str = ""
+    #: PICK's reply for the attempt's first pick, when the start made it.
+    pick: list[Any] | None = None
 
 
 class JobStore:
@@ -298,6 +327,7 @@ class JobStore:
         self._create_many = client.register_script(CREATE_MANY)
         self._advance = client.register_script(ADVANCE)
         self._start = client.register_script(START)
+        self._start_pick = client.register_script(START_PICK)
         self._renew = client.register_script(RENEW)
         self._release = client.register_script(RELEASE)
         self._cancel = client.register_script(CANCEL)
@@ -398,20 +428,28 @@ class JobStore:
         """Flag a job for cancellation; return whether the job exists."""
         return bool(self._cancel(keys=[keys.job(job_id), keys.CANCELS], args=[job_id]))
 
-    def start(self, job_id: str, token: str, ttl_ms: int) -> Start:
+    def start(self, job_id: str, token: str, ttl_ms: int,
+              pick_args: list[str | int | float] | None = None) -> Start:
         """Start an attempt: take the job's lease for ``ttl_ms`` and mark the job running.
 
         Counts the attempt and, on the first, records ``started_ms`` (Redis
         time, like ``created_ms``).  Nothing changes unless the lease is taken.
+
+        :param pick_args: :meth:`tasks.routing.Router.first_pick_args`: once the
+            lease is taken, also pick the attempt's first deployment, in the same
+            call; its reply is ``Start.pick`` (``None`` when none was made).
         """
-        raw = self._start(keys=[keys.job(job_id), keys.lease(job_id), keys.RUNNING,
-                                keys.UNSTARTED],
-                          args=[token, ttl_ms, job_id])
+        keys_ = [keys.job(job_id), keys.lease(job_id), keys.RUNNING, keys.UNSTARTED]
+        pick = None
+        if pick_args is None:
+            raw = self._start(keys=keys_, args=[token, ttl_ms, job_id])
+        else:
+            raw, pick = self._start_pick(keys=keys_, args=[token, ttl_ms, job_id, *pick_args])
         code = int(raw[0])
         if code == 1:
             job = _job(job_id, dict(zip(raw[1::2], raw[2::2], strict=True)))
             assert job is not None, "a started job has a record"
-            return Start("started", job)
+            return Start("started", job, pick=list(pick) if pick else None)
         if code == -1:
             return Start("ended", owner=_text(raw[1]), session=_text(raw[2]))
         return Start("held" if code == 0 else "missing")
@@ -468,6 +506,8 @@ def _fields(spec: JobSpec) -> list[str]:
     fields: dict[str, str] = {
         "model": spec.model, "messages": json.dumps(spec.messages),
         "max_tokens": str(spec.max_tokens), "owner": spec.owner, "queue": spec.queue,
+        # What the worker's first routing pick counts (see START_PICK).
+        "route_tokens": str(estimate_tokens(spec.messages, spec.max_tokens)),
         **spec.extra,
     }
     if spec.temperature is not None:

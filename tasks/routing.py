@@ -27,6 +27,7 @@ Ties go to a random one of the tied.
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -51,7 +52,10 @@ MAX_RETRY_AFTER_S = 300.0
 # Returns {index (1-based), minute} of the chosen one, or {0, wait_ms}: none may serve
 # now, the soonest may in wait_ms.  A job's entries in every candidate's in-flight set
 # are dropped first, so a re-run after its worker died leaves no count behind.
-PICK = """
+# A function, so that an attempt's first pick can be made in the call that takes
+# its job's lease (tasks/jobs.py START_PICK).
+PICK_FUNCTION = """
+local function pick(KEYS, ARGV)
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local minute = math.floor(now / 60000)
@@ -135,7 +139,10 @@ redis.call('HINCRBY', hk, 'tok', need)
 redis.call('HINCRBY', hk, 'req', 1)
 redis.call('PEXPIRE', hk, tonumber(ARGV[7]))
 return {i, minute}
+end
 """
+
+PICK = PICK_FUNCTION + "return pick(KEYS, ARGV)\n"
 
 # End one request on a deployment (a Lua function, so that the FINISH script
 # of tasks/events.py can end a job's successful request in the same call; it
@@ -268,6 +275,31 @@ class Router:
         self._release = client.register_script(RELEASE)
         self._keys = {name: (keys.deployment(name), keys.deployment_inflight(name),
                              keys.deployment_cooldown(name)) for name in providers.deployments}
+        # Every model's candidates, as START_PICK reads them: {model: {"s": strategy,
+        # "d": [[state, in-flight, cooldown keys, weight, tpm, rpm], ...]}}.
+        self._routes_json = json.dumps({model: {"s": route.strategy, "d": [
+            [*self._keys[n], providers.deployments[n].weight, providers.deployments[n].tpm,
+             providers.deployments[n].rpm] for n in route.deployments]}
+            for model, route in providers.models.items()})
+
+    def first_pick_args(self) -> list[str | int | float]:
+        """What :data:`tasks.jobs.START_PICK` needs to make a job's first pick itself.
+
+        Every model's candidates (as :meth:`pick` passes them, none tried),
+        then the arguments of :data:`PICK_FUNCTION` that do not depend on the
+        job: the script reads the job's model and ``route_tokens`` from its
+        record, so the lease and the first pick take one round trip.
+        """
+        return [self._routes_json, random.random(), self._inflight_ms,
+                self.providers.gateway.latency_buffer, STATE_TTL_S * 1000]
+
+    def picked(self, route: ModelRoute, reply: Sequence[Any]) -> Pick:
+        """The :class:`Pick` of a PICK reply for ``route`` (made by :meth:`pick` or START_PICK)."""
+        i, second = int(reply[0]), int(reply[1])
+        if i == 0:
+            return Pick(None, wait_s=second / 1000)
+        dep = self.providers.deployments[route.deployments[i - 1]]
+        return Pick(dep.name, dep.models[route.name], second)
 
     def pick(self, route: ModelRoute, job_id: str, tokens: int,
              tried: Sequence[str] = (), *, untried_only: bool = False) -> Pick:
@@ -286,11 +318,7 @@ class Router:
         for d in deps:
             k.extend(self._keys[d.name])
             argv.extend((d.weight, d.tpm, d.rpm, 1 if d.name in tried else 0))
-        i, second = self._pick(keys=k, args=argv)
-        if i == 0:
-            return Pick(None, wait_s=int(second) / 1000)
-        dep = deps[int(i) - 1]
-        return Pick(dep.name, dep.models[route.name], int(second))
+        return self.picked(route, self._pick(keys=k, args=argv))
 
     def release(self, pick: Pick, job_id: str, tokens: int, outcome: Outcome, *,
                 once: bool = False) -> float:

@@ -166,3 +166,58 @@ def test_a_job_ends_in_one_call(web: str, r: redis.Redis,
     assert not [words for words in mine if words[0].upper() == b"HGET"]
     # The FINISH is the worker's last call naming the job.
     assert scripts[-1] == _sha(events.FINISH)
+
+
+# -- a job's start: the lease and the first pick in one call (tasks/jobs.py START_PICK) --
+
+def test_the_start_picks_the_first_deployment_with_the_lease(store: JobStore,
+                                                             router: Router) -> None:
+    """The call that takes the lease counts the job on a deployment, once however often retried."""
+    job_id = store.create(JobSpec(model="m", messages=[{"role": "user", "content": "hi"}],
+                                  max_tokens=4, owner="k"))[0]
+    token = uuid.uuid4().hex
+    start = store.start(job_id, token, 10_000, pick_args=router.first_pick_args())
+    assert start.outcome == "started" and start.pick is not None
+    route = router.providers.models["m"]
+    pick = router.picked(route, start.pick)
+    assert pick.deployment == route.deployments[0] and pick.upstream_model == "m"
+    assert _served(router) == (1, 0)
+    # A retried call (its reply lost) takes nothing more: the job is in flight once.
+    again = store.start(job_id, token, 10_000, pick_args=router.first_pick_args())
+    assert again.outcome == "started" and _served(router) == (1, 0)
+    # What the pick counted is what the worker releases (the record's route_tokens).
+    assert store.redis.hget(keys.job(job_id), "route_tokens") == \
+        str(routing.estimate_tokens([{"role": "user", "content": "hi"}], 4)).encode()
+    router.release(pick, job_id, routing.estimate_tokens([{"role": "user", "content": "hi"}], 4),
+                   Outcome(True, 5))
+    assert _served(router) == (0, 1)
+
+
+def test_the_start_picks_nothing_for_a_held_job_or_an_unrouted_record(
+        store: JobStore, router: Router) -> None:
+    """No pick when another attempt holds the lease, nor for a record without route_tokens."""
+    job_id = _started(store, "first")
+    held = store.start(job_id, "second", 10_000, pick_args=router.first_pick_args())
+    assert held.outcome == "held" and held.pick is None
+    # A record stored by an older front end (no route_tokens): started, not picked for.
+    old = store.create(JobSpec(model="m", messages=[{"role": "user", "content": "hi"}],
+                               max_tokens=4, owner="k"))[0]
+    store.redis.hdel(keys.job(old), "route_tokens")
+    start = store.start(old, "t", 10_000, pick_args=router.first_pick_args())
+    assert start.outcome == "started" and start.pick is None
+    assert _served(router) == (0, 0)
+
+
+def test_a_job_cancelled_before_it_starts_leaves_no_request_in_flight(
+        web: str, r: redis.Redis, connect: Callable[..., Client]) -> None:
+    """A start that picked a deployment for an attempt that never sends it ends that request."""
+    before = {k: r.zcard(k) for k in r.scan_iter(f"{keys.PREFIX}dep:*:inflight")}
+    c = connect(web)
+    c.send(type="generate", prompt="cancelled at once", max_tokens=30)
+    job_id = c.until(lambda f: f.get("type") == "queued")["job_id"]
+    c.send(type="cancel", job_id=job_id)
+    ev = c.finish({job_id})[job_id]
+    assert ev[-1]["type"] == "error" and ev[-1]["code"] == "cancelled"
+    after = {k: r.zcard(k) for k in r.scan_iter(f"{keys.PREFIX}dep:*:inflight")}
+    assert all(not r.zscore(k, job_id) for k in after)
+    assert sum(after.values()) <= sum(before.values())
