@@ -207,13 +207,13 @@ class Attempt:
             if self.unreleased is not None:
                 self._release_late(*self.unreleased)
             if self.first_pick is not None:
-                self._release_first_pick()
+                self._release_first_pick(self.first_pick)
 
-    def _release_first_pick(self) -> None:
-        """End the request the start counted on a deployment, if the attempt never sent it."""
-        reply, self.first_pick = self.first_pick, None
+    def _release_first_pick(self, reply: list[Any]) -> None:
+        """End the request the start counted on a deployment (``reply``), never sent."""
+        self.first_pick = None
         route = self.rt.router.providers.route(self.job.spec.model)
-        if reply is None or route is None:
+        if route is None:
             return
         pick = self.rt.router.picked(route, reply)
         if pick.deployment is None:

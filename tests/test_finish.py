@@ -12,6 +12,7 @@ import hashlib
 import json
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import redis
@@ -22,9 +23,11 @@ from tasks.budget import Bill
 from tasks.config import Settings
 from tasks.deployments import parse_providers
 from tasks.events import Ending, EventLog, LeaseLostError, new_slot
+from tasks.generate import run_job
 from tasks.jobs import JobSpec, JobStore
 from tasks.routing import Outcome, Router
 from tests.conftest import Client
+from workers.celery_app import create_celery
 
 
 @pytest.fixture
@@ -208,16 +211,20 @@ def test_the_start_picks_nothing_for_a_held_job_or_an_unrouted_record(
     assert _served(router) == (0, 0)
 
 
-def test_a_job_cancelled_before_it_starts_leaves_no_request_in_flight(
-        web: str, r: redis.Redis, connect: Callable[..., Client]) -> None:
-    """A start that picked a deployment for an attempt that never sends it ends that request."""
-    before = {k: r.zcard(k) for k in r.scan_iter(f"{keys.PREFIX}dep:*:inflight")}
-    c = connect(web)
-    c.send(type="generate", prompt="cancelled at once", max_tokens=30)
-    job_id = c.until(lambda f: f.get("type") == "queued")["job_id"]
-    c.send(type="cancel", job_id=job_id)
-    ev = c.finish({job_id})[job_id]
-    assert ev[-1]["type"] == "error" and ev[-1]["code"] == "cancelled"
-    after = {k: r.zcard(k) for k in r.scan_iter(f"{keys.PREFIX}dep:*:inflight")}
-    assert all(not r.zscore(k, job_id) for k in after)
-    assert sum(after.values()) <= sum(before.values())
+def test_a_pick_made_with_the_lease_that_the_attempt_never_sends_is_released(
+        redis_server: RedisServer, r: redis.Redis, tmp_path: Path) -> None:
+    """A job cancelled before it started: its start picked a deployment, its attempt ends that request."""
+    name = f"{uuid.uuid4().hex[:8]}-a"
+    providers = tmp_path / "providers.toml"
+    providers.write_text(f'[models.m]\nstrategy = "least-busy"\n\n[deployments.{name}]\n'
+                         f'base_url = "http://127.0.0.1:1/v1"\nmodels = ["m"]\n')
+    rt = create_celery(Settings(redis_url=redis_server.url,
+                                providers_file=str(providers))).sluice
+    job_id = rt.jobs.create(JobSpec(model="m", messages=[{"role": "user", "content": "hi"}],
+                                    max_tokens=4, owner="k"))[0]
+    rt.jobs.request_cancel(job_id)
+    run_job(rt, job_id)
+    last = json.loads(rt.events.read(job_id)[-1][1])
+    assert (last["type"], last["code"]) == ("error", "cancelled")
+    assert r.hget(keys.deployment(name), "req") == b"1"  # the start picked it
+    assert r.zscore(keys.deployment_inflight(name), job_id) is None  # and it was ended
