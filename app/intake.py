@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import redis
+
 from app.admission import Admission
 from app.apikeys import KeyInfo
 from tasks.frames import FrameCharge
@@ -32,8 +34,9 @@ class Intake:
     With ``messages`` (the broker is Sluice's Redis), a job that may start now
     is stored and enqueued by one script; otherwise :meth:`start` sends it.
     Under gevent (gunicorn's workers), jobs without a chat session go through
-    a :class:`~tasks.queue.StartBatcher`: those submitted together share one
-    script call and one broker message.
+    a :class:`~tasks.queue.StartBatcher`: each is admitted, stored and
+    enqueued in one round trip, and those submitted together share one script
+    call and one broker message.
 
     Example::
 
@@ -62,23 +65,39 @@ class Intake:
         :raises Exception: storing the job failed after admission (Redis, or anything
             else); the reservation and slot are refunded first.
         """
+        if self.batcher is not None and not spec.session:
+            return self._submit_batched(key, spec, max_tokens_given, frame)
         admitted = self.admission.admit(key, spec, max_tokens_given=max_tokens_given,
                                         frame=frame)
         spec = admitted.spec
         try:
-            if self.batcher is not None and not spec.session:
-                position = self.batcher.create(admitted.job_id, spec)
-                enqueued = True
-            else:
-                message = self.messages.render(admitted.job_id, spec.queue) if self.messages \
-                    else ""
-                _, position = self.jobs.create(spec, admitted.job_id, message=message)
-                enqueued = bool(message) and (not spec.session or position == 0)
+            message = self.messages.render(admitted.job_id, spec.queue) if self.messages \
+                else ""
+            _, position = self.jobs.create(spec, admitted.job_id, message=message)
         except BaseException:
             # Whatever failed, nothing will ever settle this job: give its slot back now.
             self.dispatcher.refund(admitted.job_id)
             raise
+        enqueued = bool(message) and (not spec.session or position == 0)
         return Submitted(admitted.job_id, position, admitted.limits, spec, enqueued)
+
+    def _submit_batched(self, key: KeyInfo, spec: JobSpec, max_tokens_given: bool,
+                        frame: FrameCharge | None) -> Submitted:
+        """Admit, store and enqueue in one call that jobs submitted together share."""
+        assert self.batcher is not None
+        pending = self.admission.prepare(key, spec, max_tokens_given=max_tokens_given,
+                                         frame=frame)
+        try:
+            position, reply = self.batcher.create(pending.job_id, pending.spec, pending.call)
+        except (redis.ConnectionError, redis.TimeoutError) as e:
+            # Whether or not it was admitted and stored, nothing will settle it.
+            self.dispatcher.refund(pending.job_id)
+            raise self.admission.unreachable() from e
+        except BaseException:
+            self.dispatcher.refund(pending.job_id)
+            raise
+        admitted = self.admission.conclude(pending, reply)  # a refusal stored nothing
+        return Submitted(admitted.job_id, position, admitted.limits, admitted.spec, True)
 
     def start(self, submitted: Submitted) -> None:
         """Enqueue a stored job, unless it is on its queue already or waits behind its session.

@@ -24,7 +24,14 @@ from typing import Any, Protocol
 
 import redis
 
-from tasks.budget import USAGE_TTL_S, Budget, DayUsage, DuplicateReservationError, Settlement
+from tasks.budget import (
+    USAGE_TTL_S,
+    Budget,
+    DayUsage,
+    DuplicateReservationError,
+    ReserveCall,
+    Settlement,
+)
 from tasks.config import Settings
 from tasks.deployments import load_providers
 from tasks.frames import FrameCharge
@@ -105,6 +112,25 @@ class Admitted:
     limits: Limits | None
     #: False when Redis was unreachable and the gateway is set to fail open.
     enforced: bool = True
+
+
+@dataclass(frozen=True)
+class Pending:
+    """An admission prepared up to its Redis call (:meth:`Admission.prepare`)."""
+
+    job_id: str
+    spec: JobSpec
+    tier: Tier
+    prompt_tokens: int
+    #: The whole reservation: prompt tokens plus the output allowance.
+    need: int
+    #: The reservation's call (:meth:`tasks.budget.Budget.run` runs it on its own).
+    call: ReserveCall
+
+    def admitted(self, limits: Limits | None, *, enforced: bool = True) -> Admitted:
+        """The admission, once its call admitted it (``limits`` from its reply)."""
+        return Admitted(self.job_id, self.spec, self.tier.name, self.prompt_tokens, self.need,
+                        limits, enforced)
 
 
 class Admission:
@@ -218,6 +244,26 @@ class Admission:
         :raises tasks.frames.FrameBudgetExceededError: ``frame`` did not fit the key's
             frame budget; nothing was reserved or taken.
         """
+        pending = self.prepare(key, spec, max_tokens_given=max_tokens_given, job_id=job_id,
+                               frame=frame)
+        try:
+            if batch and pending.tier.batch_share < 1:
+                self._keep_interactive_share(key, pending.tier, pending.need)
+            reply = self.budget.run(pending.call)
+        except (redis.ConnectionError, redis.TimeoutError) as e:
+            if self.fail_open:
+                return pending.admitted(None, enforced=False)
+            raise self.unreachable() from e
+        return self.conclude(pending, reply)
+
+    def prepare(self, key: KeyLike, spec: JobSpec, *, max_tokens_given: bool = True,
+                job_id: str | None = None, frame: FrameCharge | None = None) -> Pending:
+        """Everything of :meth:`admit` before its Redis call (same parameters): the checks,
+        the prompt's count, and the call, for a caller that runs it in a call of its own
+        (:class:`tasks.queue.StartBatcher`) and then reads its reply with :meth:`conclude`.
+
+        :raises AdmissionRejectedError: what :meth:`precheck` raises, or ``too_large``.
+        """
         tier, max_tokens = self.precheck(key, spec, max_tokens_given=max_tokens_given)
         prompt = _count(spec.messages, spec.model)
         if prompt > tier.max_prompt_tokens:
@@ -232,26 +278,36 @@ class Admission:
         job_id = job_id or uuid.uuid4().hex
         spec = replace(spec, max_tokens=max_tokens, owner=key.key_id,
                        queue=self.queues.get(spec.model, self.queue))
+        call = self.budget.reserve_call(key.key_id, job_id, need, tier.rates,
+                                        prompt_tokens=prompt, slot_ttl_ms=self._slot_ttl_ms,
+                                        reservation_ttl_s=self.job_ttl_s, frame=frame)
+        return Pending(job_id, spec, tier, prompt, need, call)
+
+    def conclude(self, pending: Pending, reply: Any) -> Admitted:
+        """Read the reply of the call of an admission made by :meth:`prepare`.
+
+        :raises AdmissionRejectedError: the buckets, slots or size refused it.
+        :raises tasks.frames.FrameBudgetExceededError: the frame did not fit; nothing
+            was reserved or taken.
+        """
         try:
-            if batch and tier.batch_share < 1:
-                self._keep_interactive_share(key, tier, need)
-            res = self.budget.reserve(key.key_id, job_id, need, tier.rates,
-                                      prompt_tokens=prompt, slot_ttl_ms=self._slot_ttl_ms,
-                                      reservation_ttl_s=self.job_ttl_s, frame=frame)
+            res = self.budget.reservation(pending.job_id, pending.tier.rates, reply)
         except DuplicateReservationError:
             # Our own reserve, retried by the Redis client after its reply was
             # lost: the first call went through.
-            return Admitted(job_id, spec, tier.name, prompt, need, None)
-        except (redis.ConnectionError, redis.TimeoutError) as e:
-            if self.fail_open:
-                return Admitted(job_id, spec, tier.name, prompt, need, None, enforced=False)
-            raise AdmissionRejectedError("unavailable", "the gateway cannot reach Redis to "
-                                         "check rate limits; retry shortly") from e
+            return pending.admitted(None)
         if res.admitted:
-            return Admitted(job_id, spec, tier.name, prompt, need, res.limits)
-        refusal = _refusal(res.verdict, need, res.retry_after_s, res.limits, tier)
-        refusal.frame_taken = frame is not None
+            return pending.admitted(res.limits)
+        refusal = _refusal(res.verdict, pending.need, res.retry_after_s, res.limits,
+                           pending.tier)
+        refusal.frame_taken = pending.call.framed
         raise refusal
+
+    @staticmethod
+    def unreachable() -> AdmissionRejectedError:
+        """The refusal of a request whose admission could not reach Redis (failing closed)."""
+        return AdmissionRejectedError("unavailable", "the gateway cannot reach Redis to "
+                                      "check rate limits; retry shortly")
 
     def _keep_interactive_share(self, key: KeyLike, tier: Tier, need: int) -> None:
         """Refuse a batch item that would take the buckets into the interactive share.

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, replace
+from typing import Any
 
 import redis
 
@@ -113,14 +114,32 @@ RESERVE = _LEVELS + RESERVE_FUNCTION + "return reserve(KEYS, ARGV)\n"
 # KEYS[1..5] and ARGV[1..12] as RESERVE's; KEYS[6] the frame bucket, ARGV[13..15]
 # TAKE_FUNCTION's.  A frame the budget refuses reserves nothing and returns
 # {'frames', ms until it fits, 0, 0, 0, 0, 0}; a retried call (duplicate) takes
-# no second frame.
-FRAMED_RESERVE = _LEVELS + TAKE_FUNCTION + RESERVE_FUNCTION + """
+# no second frame.  (A function too: tasks/jobs.py ADMIT_MANY admits with it.)
+FRAMED_RESERVE_FUNCTION = """
+local function framed_reserve(KEYS, ARGV)
 if redis.call('EXISTS', KEYS[3]) == 0 then
   local wait = take_frames({KEYS[6]}, {ARGV[13], ARGV[14], ARGV[15]})
   if wait > 0 then return {'frames', wait, 0, 0, 0, 0, 0} end
 end
 return reserve(KEYS, ARGV)
+end
 """
+
+#: Every admission function, for a script that admits in its own call (ADMIT_MANY).
+ADMIT_FUNCTIONS = _LEVELS + TAKE_FUNCTION + RESERVE_FUNCTION + FRAMED_RESERVE_FUNCTION
+
+FRAMED_RESERVE = ADMIT_FUNCTIONS + "return framed_reserve(KEYS, ARGV)\n"
+
+
+@dataclass(frozen=True)
+class ReserveCall:
+    """One admission's KEYS and ARGV: :data:`RESERVE`'s, or :data:`FRAMED_RESERVE`'s
+    when ``framed`` (see :meth:`Budget.reserve_call`)."""
+
+    keys: list[str]
+    args: list[str | int]
+    framed: bool
+
 
 # Take the jobs admitted over a grace period ago off the admitted index, and
 # name those that hold a reservation but whose record was never stored: the
@@ -330,15 +349,33 @@ class Budget:
         :raises DuplicateReservationError: ``job_id`` already holds a reservation.
         :raises tasks.frames.FrameBudgetExceededError: ``frame`` did not fit (nothing was taken).
         """
+        call = self.reserve_call(key_id, job_id, tokens, rates, prompt_tokens=prompt_tokens,
+                                 slot_ttl_ms=slot_ttl_ms, reservation_ttl_s=reservation_ttl_s,
+                                 frame=frame)
+        return self.reservation(job_id, rates, self.run(call))
+
+    def run(self, call: ReserveCall) -> Any:
+        """Run an admission on its own; its raw reply (:meth:`reservation` reads it)."""
+        script = self._framed_reserve if call.framed else self._reserve
+        return script(keys=call.keys, args=call.args)
+
+    def reserve_call(self, key_id: str, job_id: str, tokens: int, rates: Rates, *,
+                     prompt_tokens: int, slot_ttl_ms: int, reservation_ttl_s: int,
+                     frame: FrameCharge | None = None) -> ReserveCall:
+        """The KEYS and ARGV of :meth:`reserve` (same parameters), for a caller that
+        runs the admission in a call of its own (:data:`tasks.jobs.ADMIT_MANY`)."""
         keys_ = [keys.bucket(key_id), keys.slots(key_id), keys.reservation(job_id),
                  keys.usage(key_id, today()), keys.ADMITTED]
         args: list[str | int] = [job_id, key_id, tokens, prompt_tokens, *rates.args(),
                                  rates.max_concurrent_jobs, slot_ttl_ms, reservation_ttl_s,
                                  self.usage_ttl_s]
         if frame is None:
-            reply = self._reserve(keys=keys_, args=args)
-        else:
-            reply = self._framed_reserve(keys=[*keys_, frame[0]], args=[*args, *frame[1]])
+            return ReserveCall(keys_, args, False)
+        return ReserveCall([*keys_, frame[0]], [*args, *frame[1]], True)
+
+    @staticmethod
+    def reservation(job_id: str, rates: Rates, reply: list[Any]) -> Reservation:
+        """Read an admission's reply (see :meth:`reserve` for what it raises)."""
         verdict, wait_ms, t_left, r_left, t_reset, r_reset, active = reply
         verdict = verdict.decode()
         if verdict == "frames":

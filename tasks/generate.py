@@ -96,7 +96,9 @@ def _run_job(rt: Runtime, job_id: str) -> None:
     start = rt.jobs.start(job_id, token, rt.settings.lease_ttl_s * 1000,
                           pick_args=rt.router.first_pick_args())
     if start.outcome == "missing":
-        log.warning("job %s expired before it ran", job_id)
+        # Expired before it ran, or refused by admission in the call that stored the
+        # others of its message (see tasks.jobs.ADMIT_MANY).
+        log.info("job %s has no record; nothing to run", job_id)
     elif start.outcome == "held":
         log.info("job %s runs in another attempt; this copy does nothing", job_id)
     elif start.outcome == "ended":

@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import re
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import redis
 
 from tasks import keys
+from tasks.budget import ADMIT_FUNCTIONS, ReserveCall
 from tasks.coalesce import Coalescer
 from tasks.routing import PICK_FUNCTION, estimate_tokens
 
@@ -51,31 +53,53 @@ return {ahead, waiting}
 
 # Create several jobs without a chat session that arrived together, and push
 # one broker message that starts them all (see tasks.queue.StartBatcher):
-# like CREATE for each, with a single LPUSH.  Each job enters the unstarted
-# index on its own, so a lost message is made good job by job.
-# KEYS[1] the Celery queue's list, KEYS[2] unstarted-jobs zset, KEYS[3..] job hashes.
+# like CREATE for each, with a single LPUSH.  A job may be admitted in the
+# same call (tasks/budget.py RESERVE, or FRAMED_RESERVE for a metered
+# frame), and is then created only if admitted: one round trip from a
+# request to its queue.  Each job enters the unstarted index on its own, so a
+# lost message is made good job by job; a message none of whose jobs was
+# created is not pushed (a worker taking one of a refused job's id finds no
+# record, and does nothing for it).
+# KEYS[1] the Celery queue's list, KEYS[2] unstarted-jobs zset, then per job:
+# its hash, then the keys of its admission (RESERVE's 5, FRAMED_RESERVE's 6).
 # ARGV[1] TTL seconds, ARGV[2] the broker message naming every job, then per
-# job (in KEYS order): the number n of arguments that follow, then n field, value…
-# Returns the number of jobs waiting in the queue before the message was pushed.
-CREATE_MANY = """
+# job (in KEYS order): its admission (0 none: admitted before; 1 RESERVE's 12
+# arguments follow; 2 FRAMED_RESERVE's 15 follow), the number n of arguments
+# that follow, then n field, value…
+# Returns {waiting, admissions}: the number of jobs waiting in the queue before
+# the message was pushed, and per job its admission's reply (0 when none).
+ADMIT_MANY = ADMIT_FUNCTIONS + """
 local t = redis.call('TIME')
 local now = t[1] * 1000 + math.floor(t[2] / 1000)
 local waiting = redis.call('LLEN', KEYS[1])
-local i = 3
-local scored = {}
-for k = 3, #KEYS do
+local k, i = 3, 3
+local scored, replies = {}, {}
+while k <= #KEYS do
+  local job, mode, reply = KEYS[k], tonumber(ARGV[i]), 0
+  k, i = k + 1, i + 1
+  if mode > 0 then
+    local nk, na = 5 + mode - 1, 12 + (mode - 1) * 3
+    local rk, ra = {unpack(KEYS, k, k + nk - 1)}, {unpack(ARGV, i, i + na - 1)}
+    reply = mode == 1 and reserve(rk, ra) or framed_reserve(rk, ra)
+    k, i = k + nk, i + na
+  end
+  replies[#replies + 1] = reply
   local n = tonumber(ARGV[i])
-  redis.call('HSET', KEYS[k], 'created_ms', now, 'queued_ms', now, 'status', 'queued',
-             unpack(ARGV, i + 1, i + n))
-  redis.call('EXPIRE', KEYS[k], ARGV[1])
-  scored[#scored + 1] = now
-  scored[#scored + 1] = string.sub(KEYS[k], -32)
+  if mode == 0 or reply[1] == 'ok' or reply[1] == 'duplicate' then
+    redis.call('HSET', job, 'created_ms', now, 'queued_ms', now, 'status', 'queued',
+               unpack(ARGV, i + 1, i + n))
+    redis.call('EXPIRE', job, ARGV[1])
+    scored[#scored + 1] = now
+    scored[#scored + 1] = string.sub(job, -32)
+  end
   i = i + n + 1
 end
-redis.call('ZADD', KEYS[2], unpack(scored))
-redis.call('EXPIRE', KEYS[2], ARGV[1])
-redis.call('LPUSH', KEYS[1], ARGV[2])
-return waiting
+if #scored > 0 then
+  redis.call('ZADD', KEYS[2], unpack(scored))
+  redis.call('EXPIRE', KEYS[2], ARGV[1])
+  redis.call('LPUSH', KEYS[1], ARGV[2])
+end
+return {waiting, replies}
 """
 
 # Enter a job in the unstarted index as its message is sent (a re-run, a chat
@@ -324,7 +348,7 @@ class JobStore:
         self.redis = client
         self.ttl_s = ttl_s
         self._create = client.register_script(CREATE)
-        self._create_many = client.register_script(CREATE_MANY)
+        self._admit_many = client.register_script(ADMIT_MANY)
         self._advance = client.register_script(ADVANCE)
         self._start = client.register_script(START)
         self._start_pick = client.register_script(START_PICK)
@@ -356,30 +380,45 @@ class JobStore:
                                       args=[self.ttl_s, spec.session or "", message, *flat])
         return job_id, int(ahead if spec.session else waiting)
 
-    def create_many_call(self, jobs: list[tuple[str, JobSpec]], message: str
-                         ) -> tuple[Any, list[str], list[Any]]:
-        """The :data:`CREATE_MANY` call (script, keys, args) storing ``jobs`` under one message.
+    def create_many_call(self, jobs: Sequence[tuple[str, JobSpec, ReserveCall | None]],
+                         message: str) -> tuple[Any, list[str], list[Any]]:
+        """The :data:`ADMIT_MANY` call (script, keys, args) storing ``jobs`` under one message.
 
-        Every job must be without a chat session and on the same queue; the
-        caller runs the call (on its own, or in a pipeline) and reads its reply
-        as the number of jobs that were waiting in the queue.
+        Every job must be without a chat session and on the same queue.  A job
+        given with its admission (:meth:`tasks.budget.Budget.reserve_call`) is
+        admitted in the call, and stored only if admitted.  The caller runs the
+        call (on its own, or in a pipeline) and reads its reply with
+        :meth:`created_many`.
         """
         queue = jobs[0][1].queue
+        keys_ = [queue, keys.UNSTARTED]
         args: list[Any] = [self.ttl_s, message]
-        for _, spec in jobs:
+        for job_id, spec, admission in jobs:
             assert not spec.session and spec.queue == queue, "one queue, no sessions"
             flat = _fields(spec)
+            keys_.append(keys.job(job_id))
+            if admission is None:
+                args.append(0)
+            else:
+                keys_ += admission.keys
+                args += [2 if admission.framed else 1, *admission.args]
             args += [len(flat), *flat]
-        return (self._create_many, [queue, keys.UNSTARTED, *(keys.job(j) for j, _ in jobs)],
-                args)
+        return self._admit_many, keys_, args
+
+    @staticmethod
+    def created_many(reply: list[Any]) -> tuple[int, list[Any]]:
+        """An :data:`ADMIT_MANY` call's reply: the jobs that waited in the queue before
+        the message, and per job its admission's reply (0 for a job admitted before)."""
+        waiting, admissions = reply
+        return int(waiting), list(admissions)
 
     def create_many(self, jobs: list[tuple[str, JobSpec]], message: str) -> int:
         """Store jobs without a session, all on one queue, and push ``message`` that runs them all.
 
         :return: how many jobs waited in the queue before them.
         """
-        script, keys_, args = self.create_many_call(jobs, message)
-        return int(script(keys=keys_, args=args))
+        script, keys_, args = self.create_many_call([(j, s, None) for j, s in jobs], message)
+        return self.created_many(script(keys=keys_, args=args))[0]
 
     def get(self, job_id: str) -> Job | None:
         """Read a job's record, or ``None`` when it does not exist or has expired."""

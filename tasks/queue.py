@@ -23,7 +23,7 @@ from celery.app.amqp import AMQP
 from celery.utils.nodenames import anon_nodename
 from celery.utils.saferepr import saferepr
 
-from tasks.budget import Bill, Budget
+from tasks.budget import Bill, Budget, ReserveCall
 from tasks.coalesce import Coalescer, run_scripts
 from tasks.config import Settings
 from tasks.events import EventLog
@@ -122,16 +122,18 @@ class TaskMessages:
 
 
 class StartBatcher:
-    """Stores the jobs a process submits and pushes one broker message per batch of them.
+    """Admits and stores the jobs a process submits, and pushes one broker message per batch.
 
     In the style of :class:`tasks.events.AppendBatcher`: the first job of an
     idle period goes out at once, in its own call (no added latency); jobs
     submitted while a call is in flight gather and go out together in the
-    next one, as one :data:`tasks.jobs.CREATE_MANY` call per queue whose
-    message names them all (at most :attr:`MAX_BATCH`).  A worker runs each id
-    of the message as its own attempt with its own lease, so a job's re-runs
-    and settling are what they are for a message of one.  Jobs of a chat
-    session do not come here (their order is the session's, see
+    next one, as one :data:`tasks.jobs.ADMIT_MANY` call per queue whose
+    message names them all (at most :attr:`MAX_BATCH`).  A job given with its
+    admission is admitted in that call and stored only if admitted: a request
+    reaches its queue in one round trip.  A worker runs each id of the message
+    as its own attempt with its own lease, so a job's re-runs and settling
+    are what they are for a message of one.  Jobs of a chat session do not
+    come here (their order is the session's, see
     :meth:`tasks.jobs.JobStore.create`).
 
     Needs gevent (the front ends run under gunicorn's gevent workers).
@@ -139,7 +141,7 @@ class StartBatcher:
     Example::
 
         batcher = StartBatcher(jobs, TaskMessages(celery))
-        position = batcher.create(job_id, spec)    # stored and on its queue
+        position, reply = batcher.create(job_id, spec, admission)  # stored and queued if admitted
     """
 
     #: Jobs per message: enough to make a burst cheap, few enough that the jobs
@@ -150,36 +152,48 @@ class StartBatcher:
                  ) -> None:
         self.jobs = jobs
         self.messages = messages
-        self.coalescer: Coalescer[tuple[str, JobSpec]] = Coalescer(self._run, max_batch)
+        self.coalescer: Coalescer[tuple[str, JobSpec, ReserveCall | None]] = \
+            Coalescer(self._run, max_batch)
         #: Broker messages and jobs sent so far (for tests and figures).
         self.sent_messages = 0
         self.sent_jobs = 0
 
-    def create(self, job_id: str, spec: JobSpec) -> int:
-        """Store job ``job_id`` (no chat session) and put it on its queue.
+    def create(self, job_id: str, spec: JobSpec, admission: ReserveCall | None = None
+               ) -> tuple[int, Any]:
+        """Admit (given ``admission``), store and enqueue job ``job_id`` (no chat session).
 
-        :return: how many jobs waited in its queue.
+        :param admission: the job's admission (:meth:`tasks.budget.Budget.reserve_call`);
+            the job is stored and enqueued only if it admits the job.
+        :return: how many jobs waited in its queue, and the admission's reply
+            (:meth:`tasks.budget.Budget.reservation` reads it; 0 without ``admission``).
         :raises redis.RedisError: the call failed (the job may or may not be stored).
         """
         if spec.session:
             raise ValueError("a chat session's job is created on its own")
-        return int(self.coalescer.call((job_id, spec), f"creating job {job_id}"))
+        position, reply = self.coalescer.call((job_id, spec, admission),
+                                              f"creating job {job_id}")
+        return int(position), reply
 
-    def _run(self, batch: list[tuple[str, JobSpec]]) -> list[int]:
-        """One CREATE_MANY call (one message) per queue; each job's reply is its queue's wait."""
-        by_queue: dict[str, list[tuple[str, JobSpec]]] = {}
-        for job_id, spec in batch:
-            by_queue.setdefault(spec.queue, []).append((job_id, spec))
+    def _run(self, batch: list[tuple[str, JobSpec, ReserveCall | None]]
+             ) -> list[tuple[int, Any]]:
+        """One ADMIT_MANY call (one message) per queue; each job's reply is its queue's
+        wait and its admission's reply."""
+        by_queue: dict[str, list[tuple[str, JobSpec, ReserveCall | None]]] = {}
+        for item in batch:
+            by_queue.setdefault(item[1].queue, []).append(item)
         groups = list(by_queue.values())
         # Every call runs the same script: after NOSCRIPT none ran, and all run again.
-        waiting = run_scripts(self.jobs.redis, [self.jobs.create_many_call(
-            group, self.messages.render([job_id for job_id, _ in group], group[0][1].queue))
+        replies = run_scripts(self.jobs.redis, [self.jobs.create_many_call(
+            group, self.messages.render([job_id for job_id, _, _ in group], group[0][1].queue))
             for group in groups])
         self.sent_messages += len(groups)
         self.sent_jobs += len(batch)
-        position = {job_id: int(w) for group, w in zip(groups, waiting, strict=True)
-                    for job_id, _ in group}
-        return [position[job_id] for job_id, _ in batch]
+        out: dict[str, tuple[int, Any]] = {}
+        for group, reply in zip(groups, replies, strict=True):
+            waiting, admissions = self.jobs.created_many(reply)
+            for (job_id, _, _), admitted in zip(group, admissions, strict=True):
+                out[job_id] = (waiting, admitted)
+        return [out[job_id] for job_id, _, _ in batch]
 
 
 class Dispatcher:

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import redis
 
+from app.apikeys import KeyStore
 from app.cli.dev.mockllm import MockConfig, expected_text
 from tasks import keys
 from tests.conftest import MOCK, Client, Proc, start_mock, start_web, start_worker, text_of
@@ -129,3 +130,41 @@ def test_killed_worker_holding_a_message_of_many_jobs_ends_each_exactly_once(
     finally:
         rescuer.stop()
         victim.stop()
+
+
+def test_jobs_admitted_in_their_creation_call_are_stored_only_when_admitted(
+        start_proc: Callable[..., Proc], sluice_env: dict[str, str], r: redis.Redis,
+        connect: Callable[..., Client]) -> None:
+    """A burst from one key that may run one job at a time: admission, storage and the
+    message are one call per batch; the refused jobs leave no record, reservation or
+    slot, a message naming none admitted is never pushed, and the admitted job runs."""
+    env = _queue_env(sluice_env)
+    queue = env["SLUICE_QUEUE"]
+    web = start_web(start_proc, env)
+    key, info = KeyStore(r).create("one-at-a-time", "tiny")
+    key_id = info.key_id
+    clients = [connect(web, key) for _ in range(BURST)]
+    for i, c in enumerate(clients):
+        c.send(type="generate", ref=i, prompt=f"one at a time {i}", max_tokens=8)
+    answers = [c.until(lambda f: f.get("type") in ("queued", "error")) for c in clients]
+    queued = [a for a in answers if a["type"] == "queued"]
+    assert len(queued) == 1, answers
+    assert {a["code"] for a in answers if a["type"] == "error"} == {"concurrency_limit"}
+    admitted = queued[0]["job_id"]
+    messages = _messages(r, queue)
+    assert len(messages) == 1 and admitted in messages[0], messages
+    for job_id in messages[0]:
+        if job_id != admitted:  # refused in the same call: named, but nothing of it stored
+            assert not r.exists(keys.job(job_id), keys.reservation(job_id))
+    assert r.zrange(keys.slots(key_id), 0, -1) == [admitted.encode()]
+
+    worker = start_worker(start_proc, env, "admit")
+    try:
+        owner = clients[answers.index(queued[0])]
+        ev = owner.finish({admitted})[admitted]
+        assert _ends(ev) == ["done"], ev[-1]
+        assert r.zcard(keys.slots(key_id)) == 0
+        assert r.llen(queue) == 0
+    finally:
+        worker.stop()
+    assert "Traceback" not in worker.log()
