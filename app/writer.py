@@ -34,6 +34,8 @@ from tasks.jobs import JobStore
 
 log = logging.getLogger(__name__)
 OUTBOX_FRAMES = 10_000
+#: Queued items whose frames go out in one write at most.
+BURST = 64
 #: Events after which a log has no more: a job's end, and a bulk's (its own log).
 ENDS = TERMINAL | {"bulk_done"}
 #: How long a closing socket may take to say goodbye before it is cut off.
@@ -207,26 +209,40 @@ class SocketWriter:
                     self.greenlet = None
                     self.outbox = None
                     return
-                what, job_id, seq, frame = outbox.get()
-                if what == "frame":
-                    self.ws.send(frame)
-                elif what == "catchup":
-                    self._catch_up(job_id)
-                elif what == "event" and job_id in self.following:
-                    expected = self.following[job_id]
-                    if seq == expected:
-                        self._deliver(job_id, seq, frame)
-                    elif seq > expected:
-                        self._catch_up(job_id)
+                item = outbox.get()
+                # What is queued behind it goes out in the same write.
+                self.ws.sock.hold()
+                for _ in range(BURST):
+                    job_id = item[1]
+                    self._handle(item)
+                    if outbox.empty() or self.closing is not None:
+                        break
+                    item = outbox.get_nowait()
+                self.ws.sock.flush()
             except ConnectionClosed:
+                self.ws.sock.drop()
                 return
             except redis.RedisError as e:
+                self.ws.sock.flush()
                 # Read the log again once Redis answers; nothing is lost.
                 log.warning("catch-up of job %s failed: %s", job_id, e)
                 if job_id:
                     self.lagging.add(job_id)
                 gevent.sleep(0.5)
         self._goodbye(self.closing)
+
+    def _handle(self, item: tuple[str, str, int, str]) -> None:
+        what, job_id, seq, frame = item
+        if what == "frame":
+            self.ws.send(frame)
+        elif what == "catchup":
+            self._catch_up(job_id)
+        elif what == "event" and job_id in self.following:
+            expected = self.following[job_id]
+            if seq == expected:
+                self._deliver(job_id, seq, frame)
+            elif seq > expected:
+                self._catch_up(job_id)
 
     def _catch_up(self, job_id: str) -> None:
         after = self.following.get(job_id)

@@ -29,7 +29,7 @@ from typing import Any
 
 import flask_sock
 import simple_websocket
-from gevent import get_hub
+from gevent import get_hub, getcurrent
 from gevent.lock import Semaphore
 from gevent.monkey import get_original
 from gevent.socket import wait as wait_on_watcher
@@ -102,19 +102,47 @@ class WholeSends:
     greenlet waiting to write on a socket (``ConcurrentObjectUseError``), and
     two partial sends would interleave.  Here a send is a ``sendall`` under
     the connection's lock.
+
+    The writer greenlet may :meth:`hold` its frames and :meth:`flush` them in
+    one ``sendall``: the frames it finds queued together (a catch-up, or
+    events that came while it waited) cost one system call, not one each.
+    Another greenlet's send flushes what is held first, so order is kept.
     """
 
-    __slots__ = ("lock", "sock")
+    __slots__ = ("held", "holder", "lock", "sock")
 
     def __init__(self, sock: Any) -> None:
         self.sock = sock
         self.lock = Semaphore()
+        #: Frames kept back by :meth:`hold`, sent together by :meth:`flush`.
+        self.held: list[bytes] | None = None
+        self.holder: Any = None
 
     def send(self, data: bytes) -> int:
-        """Send all of ``data``, after any send in progress."""
+        """Send all of ``data``, after any send in progress (kept back while held)."""
+        if self.held is not None:
+            if getcurrent() is self.holder:
+                self.held.append(data)
+                return len(data)
+            self.flush()  # another greenlet's frame (a pong, a close): in order, now
         with self.lock:
             self.sock.sendall(data)
         return len(data)
+
+    def hold(self) -> None:
+        """Keep this greenlet's frames back until :meth:`flush`: one write for many."""
+        self.held, self.holder = [], getcurrent()
+
+    def flush(self) -> None:
+        """Send the frames kept back since :meth:`hold`, in one write."""
+        held, self.held, self.holder = self.held, None, None
+        if held:
+            with self.lock:
+                self.sock.sendall(held[0] if len(held) == 1 else b"".join(held))
+
+    def drop(self) -> None:
+        """Forget the frames kept back (the socket failed)."""
+        self.held = self.holder = None
 
     def recv(self, size: int) -> bytes:
         """Read up to ``size`` bytes."""

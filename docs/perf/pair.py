@@ -1,10 +1,11 @@
 """Paired CPU comparison of two Sluice trees under the same background load.
 
 usage: python pair.py TREE_A TREE_B [--sockets 200] [--rounds 2] [--runs 8] [--workers 1]
-       [--env-a VAR=VAL ...] [--env-b VAR=VAL ...]
+       [--tokens 1] [--env-a VAR=VAL ...] [--env-b VAR=VAL ...]
 Starts one private stack per tree (keep_stack.py, PYTHONPATH=TREE, this interpreter's venv),
 then measures alternately A B B A A B ...: S sockets each send a 1-token generate per round,
-R rounds per run; CPU per job by role from /proc (web, worker, redis, and the mock apart).
+R rounds per run (``--tokens N``: N-token jobs, the mock streaming them MOCK_ITL ms apart, 0 unless
+set); CPU per job by role from /proc (web, worker, redis, and the mock apart).
 Prints every run, the per-role medians, and B/A of the totals per adjacent pair.
 """
 import argparse, asyncio, json, os, signal, statistics, subprocess, sys, time
@@ -15,6 +16,7 @@ ap = argparse.ArgumentParser()
 ap.add_argument("tree_a"); ap.add_argument("tree_b")
 ap.add_argument("--sockets", type=int, default=200); ap.add_argument("--rounds", type=int, default=2)
 ap.add_argument("--runs", type=int, default=8); ap.add_argument("--workers", type=int, default=1)
+ap.add_argument("--tokens", type=int, default=1)
 ap.add_argument("--env-a", nargs="*", default=[]); ap.add_argument("--env-b", nargs="*", default=[])
 a = ap.parse_args()
 
@@ -39,7 +41,7 @@ def redis_calls(url):
 
 
 async def one_job(ws, ref):
-    await ws.send(json.dumps({"type": "generate", "ref": ref, "model": "mock-1", "max_tokens": 1,
+    await ws.send(json.dumps({"type": "generate", "ref": ref, "model": "mock-1", "max_tokens": a.tokens,
                               "messages": [{"role": "user", "content": "hello there"}]}))
     while True:
         d = json.loads(await ws.recv())
@@ -58,7 +60,7 @@ def start(tag, tree, env):
     out = Path(f"/tmp/perf1-pair-{os.getpid()}-{tag}.json")
     out.unlink(missing_ok=True)
     p = subprocess.Popen([sys.executable, str(HERE / "keep_stack.py"), str(out), str(a.workers), *env],
-                         env={**os.environ, "PYTHONPATH": tree}, cwd=tree, start_new_session=True,
+                         env={**os.environ, "PYTHONPATH": tree, "MOCK_TOKENS": str(a.tokens)}, cwd=tree, start_new_session=True,
                          stdout=subprocess.DEVNULL, stderr=open(f"{out}.log", "w"))
     return p, out
 
