@@ -210,14 +210,18 @@ class SocketWriter:
                     self.outbox = None
                     return
                 item = outbox.get()
-                # What is queued behind it goes out in the same write.
+                job_id = item[1]
+                if outbox.empty() and item[0] != "catchup":
+                    self._handle(item)  # one frame: as it is
+                    continue
+                # A log read, or items queued behind this one: their frames in one write.
                 self.ws.sock.hold()
                 for _ in range(BURST):
-                    job_id = item[1]
                     self._handle(item)
                     if outbox.empty() or self.closing is not None:
                         break
                     item = outbox.get_nowait()
+                    job_id = item[1]
                 self.ws.sock.flush()
             except ConnectionClosed:
                 self.ws.sock.drop()
