@@ -216,12 +216,13 @@ class SocketWriter:
                     continue
                 # A log read, or items queued behind this one: their frames in one write.
                 self.ws.sock.hold()
-                for _ in range(BURST):
+                for n in range(BURST):
+                    if n:
+                        if outbox.empty() or self.closing is not None:
+                            break
+                        item = outbox.get_nowait()
+                        job_id = item[1]
                     self._handle(item)
-                    if outbox.empty() or self.closing is not None:
-                        break
-                    item = outbox.get_nowait()
-                    job_id = item[1]
                 self.ws.sock.flush()
             except ConnectionClosed:
                 self.ws.sock.drop()

@@ -41,6 +41,8 @@ from wsproto.utilities import LocalProtocolError
 #: The real ``select.select`` (gunicorn's gevent worker patches the module), to
 #: look at the socket without yielding: ``[fd], [], [], 0`` never blocks.
 _select = get_original("select", "select")
+#: The first byte of a close frame as a server sends it (FIN, opcode 8, unmasked).
+CLOSE_FRAME = b"\x88"
 
 
 class _Woken(Exception):
@@ -106,7 +108,6 @@ class WholeSends:
     The writer greenlet may :meth:`hold` its frames and :meth:`flush` them in
     one ``sendall``: the frames it finds queued together (a catch-up, or
     events that came while it waited) cost one system call, not one each.
-    Another greenlet's send flushes what is held first, so order is kept.
     """
 
     __slots__ = ("held", "holder", "lock", "sock")
@@ -124,7 +125,12 @@ class WholeSends:
             if getcurrent() is self.holder:
                 self.held.append(data)
                 return len(data)
-            self.flush()  # another greenlet's frame (a pong, a close): in order, now
+            # Another greenlet's frame (the handler's ping, pong or close) goes out
+            # now, ahead of the held messages: none of them is on the wire yet, and
+            # the handler must not wait for a client that reads nothing.  After a
+            # close, they are not sent at all.
+            if data[:1] == CLOSE_FRAME:
+                self.drop()
         with self.lock:
             self.sock.sendall(data)
         return len(data)
