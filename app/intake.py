@@ -89,12 +89,11 @@ class Intake:
                                          frame=frame)
         try:
             position, reply = self.batcher.create(pending.job_id, pending.spec, pending.call)
-        except (redis.ConnectionError, redis.TimeoutError) as e:
+        except BaseException as e:
             # Whether or not it was admitted and stored, nothing will settle it.
             self.dispatcher.refund(pending.job_id)
-            raise self.admission.unreachable() from e
-        except BaseException:
-            self.dispatcher.refund(pending.job_id)
+            if isinstance(e, (redis.ConnectionError, redis.TimeoutError)):
+                raise self.admission.unreachable() from e
             raise
         admitted = self.admission.conclude(pending, reply)  # a refusal stored nothing
         return Submitted(admitted.job_id, position, admitted.limits, admitted.spec, True)

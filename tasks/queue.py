@@ -154,9 +154,6 @@ class StartBatcher:
         self.messages = messages
         self.coalescer: Coalescer[tuple[str, JobSpec, ReserveCall | None]] = \
             Coalescer(self._run, max_batch)
-        #: Broker messages and jobs sent so far (for tests and figures).
-        self.sent_messages = 0
-        self.sent_jobs = 0
 
     def create(self, job_id: str, spec: JobSpec, admission: ReserveCall | None = None
                ) -> tuple[int, Any]:
@@ -186,8 +183,6 @@ class StartBatcher:
         replies = run_scripts(self.jobs.redis, [self.jobs.create_many_call(
             group, self.messages.render([job_id for job_id, _, _ in group], group[0][1].queue))
             for group in groups])
-        self.sent_messages += len(groups)
-        self.sent_jobs += len(batch)
         out: dict[str, tuple[int, Any]] = {}
         for group, reply in zip(groups, replies, strict=True):
             waiting, admissions = self.jobs.created_many(reply)
